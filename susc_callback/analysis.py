@@ -1,0 +1,108 @@
+"""Standardization, principal components and PC alignment across checkpoints.
+
+The matrix analysed is ``X = chi.T`` (tokens x components).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from sklearn.decomposition import PCA
+
+from susc_callback.results import SusceptibilityResult
+
+Standardization = Literal["structural-inference", "spectroscopy", "none"]
+STANDARDIZATIONS = ("structural-inference", "spectroscopy", "none")
+
+
+def standardize(chi: np.ndarray, mode: Standardization = "structural-inference") -> np.ndarray:
+    """Tokens x components matrix from ``chi`` (components x tokens).
+
+    "structural-inference": centre each component over tokens. "spectroscopy": z-score each
+    component over tokens (removing its unknown overall scale), then centre each token over
+    components. "none": the raw transpose.
+    """
+    if mode not in STANDARDIZATIONS:
+        raise ValueError(f"Invalid standardization {mode!r}; valid: {', '.join(STANDARDIZATIONS)}")
+    x = np.asarray(chi, dtype=np.float64).T
+    if mode == "none":
+        return x.copy()
+    x = x - x.mean(axis=0, keepdims=True)
+    if mode == "spectroscopy":
+        std = x.std(axis=0, keepdims=True)
+        x = np.divide(x, std, out=np.zeros_like(x), where=std > 0)
+        x = x - x.mean(axis=1, keepdims=True)
+    return x
+
+
+class SusceptibilityPCA:
+    """PCA of a standardized susceptibility matrix.
+
+    Learned attributes (after :meth:`fit`): ``component_names_`` (components used: failed,
+    NaN components are left out), ``loadings_`` ``(n_pcs, C)``, ``token_scores_``
+    ``(P, n_pcs)`` (= U S), ``explained_variance_ratio_`` ``(n_pcs,)``, and
+    ``dataset_scores_`` ``(D, n_pcs)``, the mean token score of each probe dataset.
+    Signs are deterministic (scikit-learn's ``svd_flip``); use :meth:`align_to` to follow
+    PCs across checkpoints.
+    """
+
+    def __init__(self, n_components: int = 3,
+                 standardization: Standardization = "structural-inference") -> None:
+        self.n_components = n_components
+        self.standardization = standardization
+
+    def fit(self, result: SusceptibilityResult) -> SusceptibilityPCA:
+        keep = ~np.isnan(result.chi).any(axis=1)
+        if keep.sum() < 2:
+            raise ValueError(f"PCA needs >= 2 components with finite susceptibilities, got "
+                             f"{int(keep.sum())}")
+        x = standardize(result.chi[keep], self.standardization)
+        n = min(self.n_components, *x.shape)
+        if n < 1:
+            raise ValueError(f"n_components must be >= 1, got {self.n_components}")
+        pca = PCA(n_components=n, svd_solver="full").fit(x)
+        self.component_names_ = [name for name, k in zip(result.component_names, keep) if k]
+        self.loadings_ = pca.components_
+        self.token_scores_ = pca.transform(x)
+        self.explained_variance_ratio_ = pca.explained_variance_ratio_
+        token_dataset = result.token_dataset
+        self.dataset_names_ = list(result.dataset_names)
+        self.dataset_scores_ = np.stack([self.token_scores_[token_dataset == d].mean(axis=0)
+                                         for d in range(len(result.dataset_names))])
+        return self
+
+    def align_to(self, reference: SusceptibilityPCA) -> SusceptibilityPCA:
+        """Reorder and flip this fit's PCs to best match ``reference``'s loadings (in place)."""
+        if self.component_names_ != reference.component_names_:
+            raise ValueError("Cannot align PCs fitted on different components: "
+                             f"{self.component_names_} vs {reference.component_names_}")
+        order, signs = align_loadings(self.loadings_, reference.loadings_)
+        self.loadings_ = self.loadings_[order] * signs[:, None]
+        self.token_scores_ = self.token_scores_[:, order] * signs[None, :]
+        self.dataset_scores_ = self.dataset_scores_[:, order] * signs[None, :]
+        self.explained_variance_ratio_ = self.explained_variance_ratio_[order]
+        return self
+
+
+def align_loadings(loadings: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order and signs that match ``loadings`` (k, C) to ``reference`` (k', C).
+
+    Returns ``(order, signs)`` with ``aligned = loadings[order] * signs[:, None]``: PC ``i`` of
+    the aligned set is the one with the largest ``|cosine|`` to reference PC ``i`` (a
+    one-to-one assignment); PCs beyond the reference keep their relative order.
+    """
+    reference = reference[:len(loadings)]
+    a = loadings / np.linalg.norm(loadings, axis=1, keepdims=True)
+    b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    cosine = b @ a.T
+    ref_rows, rows = linear_sum_assignment(-np.abs(cosine))
+    order = np.empty(len(ref_rows), dtype=np.int64)
+    order[ref_rows] = rows
+    rest = [i for i in range(len(a)) if i not in set(rows)]
+    order = np.concatenate([order, np.array(rest, dtype=np.int64)])
+    signs = np.ones(len(order))
+    matched = len(ref_rows)
+    signs[:matched] = np.where(cosine[np.arange(matched), order[:matched]] < 0, -1.0, 1.0)
+    return order, signs

@@ -1,0 +1,115 @@
+"""Validated hyperparameters of weight-restricted SGLD and of the estimator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+ObservableLoss = Literal["fixed", "minibatch"]
+Anchor = Literal["exact", "separate-batches"]
+OnDivergence = Literal["raise", "mark"]
+
+
+@dataclass(frozen=True)
+class SGLDConfig:
+    """Hyperparameters of one susceptibility estimate.
+
+    The SGLD update of a component's entries ``u`` (everything else frozen at ``w*``)::
+
+        u <- u - (step_size / 2) * (n_beta * grad L_batch(u) + gamma * (u - u*))
+               + sqrt(step_size) * N(0, I)
+
+    Defaults are the per-token setting of the Structural Inference paper; treat them as a
+    starting point and check the chain diagnostics (``docs/engine.md``).
+    """
+
+    step_size: float = 1e-3
+    """SGLD step size epsilon (the learning rate)."""
+    n_beta: float = 30.0
+    """Inverse temperature times sample size, n*beta."""
+    gamma: float = 300.0
+    """Localization strength: pulls the chain back towards w*."""
+    num_chains: int = 4
+    """Independent chains per component (and for the full baseline chain)."""
+    num_draws: int = 100
+    """Draws kept per chain."""
+    num_burnin: int = 0
+    """SGLD steps discarded before the first draw."""
+    steps_between_draws: int = 1
+    """SGLD steps from one draw to the next."""
+    batch_size: int = 16
+    """Sequences per SGLD minibatch."""
+    observable: ObservableLoss = "fixed"
+    """What L(w) in phi = L(w) - L(w*) is measured on: "fixed" = the same
+    ``observable_sequences`` sampling sequences at every draw (low variance; default);
+    "minibatch" = the draw's SGLD minibatch, with L(w*) evaluated on that same minibatch."""
+    observable_sequences: int = 16
+    """Size of the fixed observable set (used when observable="fixed")."""
+    anchor: Anchor = "exact"
+    """How L(w*) is measured. "exact": on the very sequences L(w) is measured on, so
+    phi(w*) = 0. "separate-batches": the mean loss at w* of ``observable_sequences``
+    *other* sampling sequences, which is what devinterp 2.0.1 does (for comparisons only;
+    it adds a constant offset to phi that biases every susceptibility)."""
+    eval_batch_size: int = 32
+    """Sequences per forward pass when evaluating probe and observable losses."""
+    seed: int = 0
+    """Seed of the private RNG. Each component's chains are seeded from (seed, name)."""
+    on_divergence: OnDivergence = "raise"
+    """A chain whose loss or weights become non-finite: "raise" an error naming the
+    component, chain and step, or "mark" the component as failed (NaN row) and go on."""
+    device: str | None = None
+    """Where to sample; None = the model's own device."""
+    progress: bool | None = None
+    """Show a progress bar; None = only when stderr is a terminal."""
+
+    def __post_init__(self) -> None:
+        for name in ("step_size", "n_beta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"Invalid {name}: {value!r} (must be a finite number > 0)")
+        if not (math.isfinite(self.gamma) and self.gamma >= 0):
+            raise ValueError(f"Invalid gamma: {self.gamma!r} (must be a finite number >= 0)")
+        for name in ("num_chains", "num_draws", "steps_between_draws", "batch_size",
+                     "observable_sequences", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
+        if not isinstance(self.num_burnin, int) or self.num_burnin < 0:
+            raise ValueError(f"Invalid num_burnin: {self.num_burnin!r} (must be an integer >= 0)")
+        _check_choice("observable", self.observable, ("fixed", "minibatch"))
+        _check_choice("anchor", self.anchor, ("exact", "separate-batches"))
+        _check_choice("on_divergence", self.on_divergence, ("raise", "mark"))
+
+    @property
+    def num_steps(self) -> int:
+        """SGLD steps per chain: burn-in plus ``num_draws * steps_between_draws``."""
+        return self.num_burnin + self.num_draws * self.steps_between_draws
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dictionary of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SGLDConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown SGLDConfig fields {unknown}; valid: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> SGLDConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def tiny(cls, **changes: Any) -> SGLDConfig:
+        """A fast preset for tests and smoke runs: 2 chains, 20 draws, batch 8."""
+        base = dict(num_chains=2, num_draws=20, batch_size=8, observable_sequences=8)
+        return cls(**{**base, **changes})
+
+
+def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"Invalid {name}: {value!r} (valid: {', '.join(map(repr, valid))})")

@@ -1,0 +1,107 @@
+"""Sampling data access and per-token losses.
+
+A *batch* is a dict of tensors that the model (or the user's ``loss_fn``) consumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import default_collate
+
+LossFn = Callable[[nn.Module, dict], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+"""``loss_fn(model, batch)`` -> per-sample losses ``(B,)`` or ``(B, K)``, optionally with a
+boolean validity mask of the same shape as a second return value."""
+
+
+class SamplingData:
+    """Random access to the sampling data as batches of sequences.
+
+    Accepts an ``(N, T)`` tensor of token ids, a mapping of tensors sharing their first
+    dimension (e.g. ``{"input_ids": ..., "attention_mask": ...}``), or any sequence of
+    examples (a list, a torch or Hugging Face dataset) collated with ``collate_fn``.
+    """
+
+    def __init__(self, data: object, collate_fn: Callable | None = None) -> None:
+        if isinstance(data, torch.Tensor):
+            if data.dim() != 2 or data.is_floating_point():
+                raise ValueError("sampling_data as a tensor must hold token ids of shape "
+                                 f"(sequences, positions), got {data.dtype} {tuple(data.shape)}")
+            data = {"input_ids": data}
+        if isinstance(data, Mapping):
+            sizes = {key: len(value) for key, value in data.items()}
+            if len(set(sizes.values())) != 1:
+                raise ValueError(f"sampling_data tensors differ in their first dimension: {sizes}")
+            self._columns = {key: torch.as_tensor(value) for key, value in data.items()}
+            self._examples = None
+            self._length = next(iter(sizes.values()))
+        elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+            self._columns = None
+            self._examples = data
+            self._length = len(data)
+        else:
+            raise TypeError(f"Cannot use {type(data).__name__} as sampling_data: pass a token-id "
+                            "tensor, a dict of tensors, or a dataset (sequence of examples)")
+        if self._length == 0:
+            raise ValueError("sampling_data is empty")
+        self._collate = collate_fn or default_collate
+
+    def __len__(self) -> int:
+        return self._length
+
+    def batch(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """The examples at ``indices`` collated into a dict of tensors on ``device``."""
+        if self._columns is not None:
+            batch = {key: value[indices] for key, value in self._columns.items()}
+        else:
+            batch = self._collate([self._examples[int(i)] for i in indices])
+            if isinstance(batch, torch.Tensor):
+                batch = {"input_ids": batch}
+        return {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                for key, value in batch.items()}
+
+
+def causal_lm_token_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per position: ``(B, T-1)`` losses and validity mask.
+
+    Position ``t`` predicts token ``t+1``; it is valid when both tokens are real (attention
+    mask 1) and, if the batch has ``labels``, when ``labels[:, t+1] != -100``.
+    """
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    targets = input_ids[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    valid = torch.ones_like(targets, dtype=torch.bool)
+    if attention_mask is not None:
+        valid = valid & attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+    if "labels" in batch:
+        valid = valid & (batch["labels"][:, 1:] != -100)
+    return losses, valid
+
+
+def token_losses(loss_fn: LossFn | None, model: nn.Module, batch: dict
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses ``(B, K)`` and a boolean validity mask, from either loss."""
+    if loss_fn is None:
+        return causal_lm_token_losses(model, batch)
+    out = loss_fn(model, batch)
+    losses, valid = out if isinstance(out, tuple) else (out, None)
+    if not isinstance(losses, torch.Tensor) or losses.dim() not in (1, 2):
+        raise ValueError("loss_fn must return per-sample losses of shape (batch,) or "
+                         f"(batch, K), got {getattr(losses, 'shape', type(losses).__name__)}")
+    if losses.dim() == 1:
+        losses = losses[:, None]
+        valid = None if valid is None else valid[:, None]
+    if valid is None:
+        valid = torch.ones_like(losses, dtype=torch.bool)
+    return losses.float(), valid.bool()
+
+
+def mean_loss(losses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over valid entries (token-weighted, as a causal LM's training loss)."""
+    return torch.where(valid, losses, 0.0).sum() / valid.sum().clamp(min=1)

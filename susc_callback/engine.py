@@ -1,0 +1,370 @@
+"""``estimate_susceptibilities``: the engine's one entry point.
+
+Work plan, designed to do less work rather than the same work faster:
+
+* Sampling runs on a private float32 eval-mode snapshot; the caller's model, its flags and
+  every global RNG stream are left exactly as they were (also when an error is raised).
+* Components are grouped by their *frozen prefix*: the number of transformer blocks that
+  run before any of their parameters is used. Within a group, the probe's and the
+  observable set's activations after that prefix are computed once per group and replayed
+  at every draw, and each SGLD minibatch's prefix is computed once per step and shared by
+  every component of the group (all chains with index c draw the same minibatches, seeded
+  by (seed, c); the noise of a component's chain is seeded by (seed, name, c)).
+* Only the component's parameters require grad, so backward stops at the component and
+  computes no other weight gradients; the update and its noise touch only the component's
+  entries.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from copy import deepcopy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from susc_callback.architectures import block_list_path
+from susc_callback.components import (
+    ResolvedComponent,
+    canonical_parameter_names,
+    resolve_components,
+)
+from susc_callback.config import SGLDConfig
+from susc_callback.data import LossFn, SamplingData, mean_loss, token_losses
+from susc_callback.estimator import DrawSums, susceptibilities
+from susc_callback.prefix import PrefixReplay
+from susc_callback.probes import ProbeSet
+from susc_callback.results import SusceptibilityResult
+from susc_callback.sampler import RestrictedChain, chain_seed, make_generator
+
+FULL = "full"
+
+
+class ChainDivergedError(RuntimeError):
+    """An SGLD chain produced a non-finite loss or weights."""
+
+    def __init__(self, component: str, chain: int, step: int, what: str) -> None:
+        self.component, self.chain, self.step = component, chain, step
+        super().__init__(
+            f"SGLD chain {chain} of component {component!r} diverged at step {step}: {what}. "
+            "Lower step_size or raise gamma (or lower n_beta) in SGLDConfig.")
+
+
+def estimate_susceptibilities(
+    model: nn.Module,
+    components: Any,
+    sampling_data: Any,
+    probe: ProbeSet,
+    config: SGLDConfig | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    collate_fn: Callable | None = None,
+    step: int | None = None,
+) -> SusceptibilityResult:
+    """Per-token susceptibilities of every component on every probe token.
+
+    Args:
+        model: any ``nn.Module`` at the checkpoint ``w*``; never modified.
+        components: None (every attention head of a supported HF causal LM), a preset name
+            (``"heads"``, ``"attention"``, ``"mlp"``, ``"layers"``, ``"embedding"``,
+            ``"unembedding"``, comma-separated), :class:`Component` objects, or
+            ``{name: {parameter name: bool mask or None}}``.
+        sampling_data: the data SGLD samples with: an ``(N, T)`` token-id tensor, a dict of
+            tensors with a common first dimension, or a sequence of examples (with
+            ``collate_fn``).
+        probe: the probe sequences whose per-token losses are observed.
+        config: SGLD and estimator hyperparameters (default :class:`SGLDConfig`).
+        loss_fn: ``loss_fn(model, batch) -> (B,) or (B, K)`` per-sample losses (optionally
+            ``(losses, valid_mask)``); default: next-token cross-entropy of a causal LM.
+        collate_fn: collates examples of ``sampling_data`` into a batch dict.
+        step: training step of the checkpoint, stored in the result.
+
+    Returns:
+        A :class:`SusceptibilityResult` with ``chi`` of shape (components, probe tokens);
+        negative entries mean the component expresses the token's pattern.
+    """
+    config = config or SGLDConfig()
+    if not isinstance(probe, ProbeSet):
+        raise TypeError(f"probe must be a ProbeSet, got {type(probe).__name__}")
+    resolved = resolve_components(model, components)
+    data = sampling_data if isinstance(sampling_data, SamplingData) else SamplingData(
+        sampling_data, collate_fn)
+    _check_data_size(len(data), config)
+    device = torch.device(config.device) if config.device else _model_device(model)
+    with preserved_rng_state(device):
+        snapshot = _float32_snapshot(model, device)
+        run = _Run(snapshot, resolved, data, probe, config, loss_fn, device)
+        return run.execute(step)
+
+
+@contextmanager
+def preserved_rng_state(device: torch.device):
+    """Restore the torch (CPU and CUDA), numpy and python RNG states on exit."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _check_data_size(size: int, config: SGLDConfig) -> None:
+    needed = {"batch_size": config.batch_size}
+    if config.observable == "fixed" or config.anchor == "separate-batches":
+        needed["observable_sequences"] = config.observable_sequences
+    if config.anchor == "separate-batches":
+        needed["2 * observable_sequences (separate anchor set)"] = 2 * config.observable_sequences
+    for what, count in needed.items():
+        if size < count:
+            raise ValueError(f"sampling_data has {size} sequences, fewer than {what} = {count}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    raise ValueError("The model has no parameters")
+
+
+def _float32_snapshot(model: nn.Module, device: torch.device) -> nn.Module:
+    snapshot = deepcopy(model).to(device=device, dtype=torch.float32).eval()
+    for param in snapshot.parameters():
+        param.requires_grad_(False)
+        param.grad = None
+    return snapshot
+
+
+class _Run:
+    """One estimate: groups components by frozen prefix and runs their chains in lockstep."""
+
+    def __init__(self, model: nn.Module, components: list[ResolvedComponent],
+                 data: SamplingData, probe: ProbeSet, config: SGLDConfig,
+                 loss_fn: LossFn | None, device: torch.device) -> None:
+        self.model, self.data, self.probe, self.config = model, data, probe, config
+        self.loss_fn, self.device = loss_fn, device
+        self.params = dict(model.named_parameters())
+        path = block_list_path(model)
+        self.prefix = PrefixReplay(model, model.get_submodule(path) if path else None)
+        full = ResolvedComponent(FULL, {name: None for name in self.params},
+                                 sum(p.numel() for p in self.params.values()), True)
+        self.components = [*components, full]
+        self.probe_chunks = [probe.batch(i, i + config.eval_batch_size, device)
+                             for i in range(0, len(probe), config.eval_batch_size)]
+        order = torch.randperm(len(data), generator=make_generator(
+            torch.device("cpu"), chain_seed(config.seed, "observable")))
+        m = config.observable_sequences
+        self.observable_chunks = self._chunks(order[:m])
+        self.anchor_chunks = self._chunks(order[m:2 * m])
+        self.failed: dict[str, str] = {}
+
+    def _chunks(self, indices: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        size = self.config.eval_batch_size
+        return [self.data.batch(indices[i:i + size], self.device)
+                for i in range(0, len(indices), size)]
+
+    def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_losses(self.loss_fn, self.model, batch)
+
+    # -- plan -------------------------------------------------------------------------------
+
+    def _groups(self) -> dict[int, list[ResolvedComponent]]:
+        """Components keyed by how many leading blocks they leave frozen."""
+        frozen = self.prefix.frozen_blocks(lambda: self._losses(self.probe_chunks[0]))
+        aliases: dict[str, list[str]] = {}
+        for alias, name in canonical_parameter_names(self.model).items():
+            aliases.setdefault(name, []).append(alias)
+        groups: dict[int, list[ResolvedComponent]] = {}
+        for component in self.components:
+            depth = min(frozen.get(alias, 0) for name in component.entries
+                        for alias in aliases[name])
+            groups.setdefault(depth, []).append(component)
+        return dict(sorted(groups.items()))
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def _replayed_mean(self, depth: int, chunks: list, cached: list) -> torch.Tensor:
+        """Token-weighted mean loss over ``chunks`` at the current weights (no grad)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        with torch.no_grad():
+            for chunk, hidden in zip(chunks, cached):
+                with self.prefix.replay(depth, hidden):
+                    losses, valid = self._losses(chunk)
+                total += torch.where(valid, losses, 0.0).sum().double()
+                count += int(valid.sum())
+        return total / max(count, 1)
+
+    def _probe_losses(self, depth: int, cached: list) -> torch.Tensor:
+        """Per-token probe losses (P,) at the current weights (no grad)."""
+        with torch.no_grad():
+            parts = []
+            for chunk, hidden, valid in zip(self.probe_chunks, cached, self.probe_valid):
+                with self.prefix.replay(depth, hidden):
+                    losses, _ = self._losses(chunk)
+                parts.append(losses[valid])
+        return torch.cat(parts)
+
+    def _probe_layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sequence, position) of every probe token, from the validity masks at w*."""
+        self.probe_valid, sequences, positions = [], [], []
+        start = 0
+        with torch.no_grad():
+            for chunk in self.probe_chunks:
+                _, valid = self._losses(chunk)
+                self.probe_valid.append(valid)
+                rows, cols = valid.nonzero(as_tuple=True)
+                sequences.append(rows.cpu() + start)
+                positions.append(cols.cpu())
+                start += valid.shape[0]
+        if sum(len(s) for s in sequences) == 0:
+            raise ValueError("The probe set has no valid tokens (all masked or too short)")
+        return torch.cat(sequences).numpy(), torch.cat(positions).numpy()
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    def execute(self, step: int | None) -> SusceptibilityResult:
+        token_sequence, token_position = self._probe_layout()
+        num_tokens = len(token_sequence)
+        cfg = self.config
+        groups = self._groups()
+        sums = {c.name: DrawSums(num_tokens, cfg.num_chains, cfg.num_draws, self.device)
+                for c in self.components}
+        anchors: dict[str, float] = {}
+        total = len(self.components) * cfg.num_chains * cfg.num_steps
+        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        with tqdm(total=total, disable=not show, desc="SGLD", unit="step") as bar:
+            for depth, members in groups.items():
+                self._run_group(depth, members, sums, anchors, bar)
+        return self._result(sums, anchors, token_sequence, token_position, step)
+
+    def _run_group(self, depth: int, members: list[ResolvedComponent],
+                   sums: dict[str, DrawSums], anchors: dict[str, float], bar: tqdm) -> None:
+        cfg = self.config
+        capture = self.prefix.capture
+        probe_cache = [capture(depth, lambda c=c: self._losses(c)) for c in self.probe_chunks]
+        observable_cache = [capture(depth, lambda c=c: self._losses(c))
+                            for c in self.observable_chunks]
+        if cfg.anchor == "separate-batches":
+            anchor = self._replayed_mean(0, self.anchor_chunks, [None] * len(self.anchor_chunks))
+        elif cfg.observable == "fixed":
+            anchor = self._replayed_mean(depth, self.observable_chunks, observable_cache)
+        for chain_index in range(cfg.num_chains):
+            chains = [RestrictedChain(c, self.params, make_generator(
+                self.device, chain_seed(cfg.seed, c.name, chain_index)))
+                for c in members if c.name not in self.failed]
+            batches = _EpochSampler(len(self.data), cfg.batch_size,
+                                    chain_seed(cfg.seed, "batches", chain_index))
+            for step_index in range(cfg.num_steps):
+                batch = self.data.batch(batches.next(), self.device)
+                hidden = capture(depth, lambda b=batch: self._losses(b))
+                draw = _draw_index(step_index, cfg)
+                if draw is not None and cfg.observable == "minibatch" and cfg.anchor == "exact":
+                    anchor = self._replayed_mean(depth, [batch], [hidden])
+                for chain in list(chains):
+                    chain.load()
+                    try:
+                        with self.prefix.replay(depth, hidden):
+                            loss = mean_loss(*self._losses(batch))
+                        grads = torch.autograd.grad(loss, chain.params)
+                        if draw is not None:
+                            observable = loss.detach() if cfg.observable == "minibatch" else \
+                                self._replayed_mean(depth, self.observable_chunks,
+                                                    observable_cache)
+                            token = self._probe_losses(depth, probe_cache)
+                            problem = _nonfinite(observable, token)
+                            if problem is None:
+                                sums[chain.name].add(chain_index, draw, observable, anchor, token)
+                                anchors[chain.name] = float(anchor)
+                        else:
+                            problem = None
+                        chain.step(grads, step_size=cfg.step_size, n_beta=cfg.n_beta,
+                                   gamma=cfg.gamma)
+                        problem = problem or _nonfinite(loss) or (
+                            None if chain.is_finite() else "non-finite weights")
+                    finally:
+                        chain.unload()
+                    if problem is not None:
+                        self._diverged(chain.name, chain_index, step_index, problem)
+                        chains.remove(chain)
+                bar.update(len(members))
+
+    def _diverged(self, name: str, chain: int, step: int, problem: str) -> None:
+        error = ChainDivergedError(name, chain, step, problem)
+        if self.config.on_divergence == "raise" or name == FULL:
+            raise error
+        self.failed[name] = str(error)
+        warnings.warn(str(error), RuntimeWarning, stacklevel=3)
+
+    # -- result -----------------------------------------------------------------------------
+
+    def _result(self, sums: dict[str, DrawSums], anchors: dict[str, float],
+                token_sequence: np.ndarray, token_position: np.ndarray,
+                step: int | None) -> SusceptibilityResult:
+        cfg = self.config
+        full = sums[FULL]
+        names = [c.name for c in self.components if c.name != FULL]
+        num_tokens = len(token_sequence)
+        chi = np.full((len(names), num_tokens), np.nan)
+        mean_phi = np.full(len(names), np.nan)
+        for row, name in enumerate(names):
+            if name not in self.failed:
+                chi[row] = susceptibilities(sums[name], full)
+                mean_phi[row] = sums[name].mean_phi()
+        datasets = self.probe.dataset_names
+        per_sequence = np.array([datasets.index(d) for d in self.probe.datasets])
+        token_dataset = per_sequence[token_sequence]
+        dataset_chi = np.stack([chi[:, token_dataset == d].mean(axis=1)
+                                for d in range(len(datasets))], axis=1)
+        mask = self.probe.attention_mask
+        return SusceptibilityResult(
+            component_names=names, chi=chi, dataset_names=datasets, dataset_chi=dataset_chi,
+            rllc=cfg.n_beta * mean_phi, llc_full=cfg.n_beta * full.mean_phi(),
+            mean_phi=mean_phi,
+            anchor_loss=np.array([anchors.get(n, np.nan) for n in names]),
+            loss_traces=np.stack([sums[n].loss_trace.cpu().numpy() for n in names]),
+            full_loss_trace=full.loss_trace.cpu().numpy(),
+            token_sequence=token_sequence.astype(np.int64),
+            token_position=token_position.astype(np.int64),
+            probe_input_ids=self.probe.input_ids.numpy(),
+            probe_attention_mask=(mask if mask is not None else torch.ones_like(
+                self.probe.input_ids)).numpy(),
+            sequence_datasets=list(self.probe.datasets), config=cfg.to_dict(), step=step,
+            failed=dict(self.failed))
+
+
+def _draw_index(step_index: int, config: SGLDConfig) -> int | None:
+    """Index of the draw taken at ``step_index`` (before its update), or None."""
+    offset = step_index - config.num_burnin
+    if offset < 0 or offset % config.steps_between_draws:
+        return None
+    return offset // config.steps_between_draws
+
+
+def _nonfinite(*values: torch.Tensor) -> str | None:
+    for value in values:
+        if not bool(torch.isfinite(value).all()):
+            return "non-finite loss"
+    return None
+
+
+class _EpochSampler:
+    """Minibatch indices without replacement within an epoch, reshuffled each epoch."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size = size, batch_size
+        self.generator = make_generator(torch.device("cpu"), seed)
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        if len(self.order) < self.batch_size:
+            self.order = torch.randperm(self.size, generator=self.generator)
+        batch, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        return batch

@@ -1,0 +1,58 @@
+"""Streaming susceptibility estimates: running sums over draws, no per-draw traces.
+
+For a component C with draws of ``phi = L(w) - L(w*)``, the observable loss ``L`` and probe
+token losses ``l_x``, and the full chain's draws (ESTIMATOR.md)::
+
+    chi[C, x] = -( E_C[phi * (l_x - L)] - E_C[phi] * E_full[l_x - L] )
+
+Negative: the component expresses the pattern in token x; positive: it suppresses it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class DrawSums:
+    """Float64 running sums of one component's draws (all its chains pooled).
+
+    Memory is O(probe tokens), independent of the number of draws.
+    """
+
+    def __init__(self, num_tokens: int, num_chains: int, num_draws: int,
+                 device: torch.device) -> None:
+        zeros = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+        self.phi = zeros.clone()
+        self.loss = zeros.clone()
+        self.phi_loss = zeros.clone()
+        self.token = torch.zeros(num_tokens, dtype=torch.float64, device=device)
+        self.phi_token = torch.zeros(num_tokens, dtype=torch.float64, device=device)
+        self.loss_trace = torch.full((num_chains, num_draws), float("nan"), dtype=torch.float64,
+                                     device=device)
+
+    def add(self, chain: int, draw: int, loss: torch.Tensor, anchor_loss: torch.Tensor,
+            token_losses: torch.Tensor) -> None:
+        """Add one draw: observable loss ``L``, ``L(w*)`` and probe losses ``l`` (P,)."""
+        loss = loss.detach().double()
+        phi = loss - anchor_loss.double()
+        token_losses = token_losses.detach().double()
+        self.count += 1
+        self.phi += phi
+        self.loss += loss
+        self.phi_loss += phi * loss
+        self.token += token_losses
+        self.phi_token += phi * token_losses
+        self.loss_trace[chain, draw] = loss
+
+    def mean_phi(self) -> float:
+        return float(self.phi / self.count)
+
+
+def susceptibilities(component: DrawSums, full: DrawSums) -> np.ndarray:
+    """Per-token susceptibility row ``chi[C, :]`` (P,) from the two chains' sums."""
+    n, n_full = component.count, full.count
+    cov_term = (component.phi_token - component.phi_loss) / n
+    baseline = (component.phi / n) * (full.token - full.loss) / n_full
+    return (-(cov_term - baseline)).cpu().numpy()

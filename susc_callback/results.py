@@ -1,0 +1,104 @@
+"""The result of one susceptibility estimate, saved as safetensors + JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+_ARRAYS = ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces",
+           "full_loss_trace", "token_sequence", "token_position", "probe_input_ids",
+           "probe_attention_mask")
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class SusceptibilityResult:
+    """Susceptibilities of C components on P probe tokens from D probe datasets.
+
+    Sign convention: ``chi < 0`` means the component *expresses* the pattern of the token
+    (moving the component's weights the way the posterior allows lowers that token's loss
+    together with the sampling loss); ``chi > 0`` means it suppresses it.
+
+    Attributes:
+        component_names: C names, rows of every matrix.
+        chi: ``(C, P)`` per-token susceptibilities (NaN rows for failed components).
+        dataset_names: D probe dataset labels.
+        dataset_chi: ``(C, D)`` mean of ``chi`` over each dataset's tokens.
+        rllc: ``(C,)`` refined local learning coefficients, ``n_beta * E_C[phi]``.
+        llc_full: LLC of the full model, ``n_beta * E_full[phi]``.
+        mean_phi: ``(C,)`` ``E_C[L(w) - L(w*)]``.
+        anchor_loss: ``(C,)`` ``L(w*)`` used for each component's ``phi``.
+        loss_traces: ``(C, chains, draws)`` observable loss ``L`` at every draw.
+        full_loss_trace: ``(chains, draws)`` the same for the full chain.
+        token_sequence, token_position: ``(P,)`` where each probe token sits in the probe
+            (token ``(s, t)`` is the loss of predicting ``probe_input_ids[s, t+1]``).
+        token_dataset: ``(P,)`` index into ``dataset_names``.
+        probe_input_ids, probe_attention_mask: the probe sequences ``(S, T)``.
+        sequence_datasets: S dataset labels, one per probe sequence.
+        failed: ``{component name: reason}`` for components whose chains diverged.
+        config: the SGLD configuration as a dict.
+        step: training step of the checkpoint, if known.
+    """
+
+    component_names: list[str]
+    chi: np.ndarray
+    dataset_names: list[str]
+    dataset_chi: np.ndarray
+    rllc: np.ndarray
+    llc_full: float
+    mean_phi: np.ndarray
+    anchor_loss: np.ndarray
+    loss_traces: np.ndarray
+    full_loss_trace: np.ndarray
+    token_sequence: np.ndarray
+    token_position: np.ndarray
+    probe_input_ids: np.ndarray
+    probe_attention_mask: np.ndarray
+    sequence_datasets: list[str]
+    config: dict[str, Any]
+    step: int | None = None
+    failed: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def token_dataset(self) -> np.ndarray:
+        index = {name: i for i, name in enumerate(self.dataset_names)}
+        per_sequence = np.array([index[d] for d in self.sequence_datasets], dtype=np.int64)
+        return per_sequence[self.token_sequence]
+
+    @property
+    def target_token_ids(self) -> np.ndarray:
+        """``(P,)`` id of the token each probe token predicts."""
+        return self.probe_input_ids[self.token_sequence, self.token_position + 1]
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``arrays.safetensors`` and ``meta.json`` into directory ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({name: np.ascontiguousarray(getattr(self, name)) for name in _ARRAYS},
+                  str(path / "arrays.safetensors"))
+        meta = {"format_version": _FORMAT_VERSION, "component_names": self.component_names,
+                "dataset_names": self.dataset_names, "sequence_datasets": self.sequence_datasets,
+                "llc_full": self.llc_full, "config": self.config, "step": self.step,
+                "failed": self.failed, "extra": self.extra}
+        (path / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=True))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SusceptibilityResult:
+        """Read a result written by :meth:`save`."""
+        path = Path(path)
+        if not (path / "meta.json").is_file() or not (path / "arrays.safetensors").is_file():
+            raise FileNotFoundError(f"{path} is not a saved SusceptibilityResult "
+                                    "(expected meta.json and arrays.safetensors)")
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported result format {meta.get('format_version')!r}")
+        arrays = load_file(str(path / "arrays.safetensors"))
+        meta.pop("format_version")
+        return cls(**meta, **arrays)

@@ -1,0 +1,99 @@
+"""Weight-restricted SGLD: the update rule and one chain over a component's entries."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+from susc_callback.components import ResolvedComponent
+
+
+def sgld_update(entries: list[torch.Tensor], grads: list[torch.Tensor],
+                anchors: list[torch.Tensor], *, step_size: float, n_beta: float, gamma: float,
+                generator: torch.Generator) -> None:
+    """One SGLD step, in place, on flat tensors of a component's entries::
+
+        u <- u - (step_size / 2) * (n_beta * grad + gamma * (u - anchor))
+               + sqrt(step_size) * N(0, I)
+
+    ``entries`` = u, ``grads`` = dL/du of the mean minibatch loss, ``anchors`` = u* (the
+    checkpoint's values). Noise is drawn only for the entries that move.
+    """
+    noise_scale = math.sqrt(step_size)
+    for u, grad, anchor in zip(entries, grads, anchors, strict=True):
+        drift = grad.mul(n_beta).add_(u - anchor, alpha=gamma)
+        noise = torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
+        u.add_(drift, alpha=-step_size / 2).add_(noise, alpha=noise_scale)
+
+
+def chain_seed(seed: int, *labels: object) -> int:
+    """A 63-bit seed derived from ``seed`` and labels (e.g. component name, chain index), so
+    that a component's chains do not depend on which other components run beside it."""
+    digest = hashlib.sha256(repr((seed, *labels)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A private generator on ``device`` (never the global RNG)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class RestrictedChain:
+    """One SGLD chain over the entries of one component of a shared model snapshot.
+
+    Several chains (components) may live on the same snapshot: the chain's current values
+    are kept apart in ``state`` and written into the parameters only between ``load()``
+    and ``unload()``, which restores the checkpoint's values bit for bit. Entries outside
+    the component are never written.
+    """
+
+    def __init__(self, component: ResolvedComponent, params: dict[str, nn.Parameter],
+                 generator: torch.Generator) -> None:
+        self.name = component.name
+        self.params = [params[name] for name in component.entries]
+        self.indices = [None if index is None else index.to(params[name].device)
+                        for name, index in component.entries.items()]
+        self.anchors = [self._read(p, i).clone() for p, i in zip(self.params, self.indices)]
+        self.state = [anchor.clone() for anchor in self.anchors]
+        self.generator = generator
+
+    @staticmethod
+    def _read(param: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        flat = param.detach().view(-1)
+        return flat if index is None else flat[index]
+
+    def _write(self, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for param, index, value in zip(self.params, self.indices, values):
+                flat = param.view(-1)
+                if index is None:
+                    flat.copy_(value)
+                else:
+                    flat[index] = value
+
+    def load(self) -> None:
+        """Write the chain's current values into the model and make them trainable."""
+        self._write(self.state)
+        for param in self.params:
+            param.requires_grad_(True)
+
+    def unload(self) -> None:
+        """Restore the checkpoint's values and freeze the parameters again."""
+        for param in self.params:
+            param.requires_grad_(False)
+        self._write(self.anchors)
+
+    def step(self, grads: tuple[torch.Tensor, ...], *, step_size: float, n_beta: float,
+             gamma: float) -> None:
+        """Apply one SGLD update from full-tensor gradients of the loaded parameters."""
+        restricted = [self._read(g, i) for g, i in zip(grads, self.indices)]
+        sgld_update(self.state, restricted, self.anchors, step_size=step_size, n_beta=n_beta,
+                    gamma=gamma, generator=self.generator)
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(u).all()) for u in self.state)
