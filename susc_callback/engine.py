@@ -323,7 +323,10 @@ class _Run:
         token_dataset = per_sequence[token_sequence]
         dataset_chi = np.stack([chi[:, token_dataset == d].mean(axis=1)
                                 for d in range(len(datasets))], axis=1)
+        ids = self.probe.input_ids
+        ids = ids.numpy() if ids is not None else np.zeros((len(self.probe), 0), np.int64)
         mask = self.probe.attention_mask
+        mask = mask.numpy() if mask is not None else np.ones_like(ids)
         return SusceptibilityResult(
             component_names=names, chi=chi, dataset_names=datasets, dataset_chi=dataset_chi,
             rllc=cfg.n_beta * mean_phi, llc_full=cfg.n_beta * full.mean_phi(),
@@ -333,9 +336,7 @@ class _Run:
             full_loss_trace=full.loss_trace.cpu().numpy(),
             token_sequence=token_sequence.astype(np.int64),
             token_position=token_position.astype(np.int64),
-            probe_input_ids=self.probe.input_ids.numpy(),
-            probe_attention_mask=(mask if mask is not None else torch.ones_like(
-                self.probe.input_ids)).numpy(),
+            probe_input_ids=ids, probe_attention_mask=mask,
             sequence_datasets=list(self.probe.datasets), config=cfg.to_dict(), step=step,
             failed=dict(self.failed))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,46 +10,61 @@ import torch
 
 @dataclass(frozen=True)
 class ProbeSet:
-    """Probe sequences with a dataset label per sequence.
+    """Probe sequences (or samples) with a dataset label per sequence.
 
     Attributes:
-        input_ids: ``(sequences, positions)`` long tensor.
-        attention_mask: ``(sequences, positions)`` 0/1 tensor, or None (all real tokens).
+        tensors: the model inputs, every tensor with one row per sequence. For a causal LM
+            ``input_ids`` ``(sequences, positions)`` and optionally ``attention_mask``; for
+            any other model whatever its ``loss_fn`` reads (e.g. ``{"x": ..., "y": ...}``).
         datasets: one label per sequence, e.g. ``"code"`` or ``"prose"``.
 
     With the default next-token loss, probe token ``(s, t)`` is the loss of predicting
-    ``input_ids[s, t + 1]`` from ``input_ids[s, :t + 1]``.
+    ``input_ids[s, t + 1]`` from ``input_ids[s, :t + 1]``. With a custom ``loss_fn``
+    returning ``(B, K)`` losses, probe token ``(s, k)`` is entry ``k`` of sample ``s``.
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
+    tensors: dict[str, torch.Tensor]
     datasets: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        ids = self.input_ids
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-            raise ValueError("ProbeSet.input_ids must be an integer tensor of shape "
-                             f"(sequences, positions), got {_describe(ids)}")
-        if ids.shape[0] == 0 or ids.shape[1] < 2:
-            raise ValueError(f"ProbeSet needs >= 1 sequence of >= 2 tokens, got {tuple(ids.shape)}")
-        mask = self.attention_mask
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
-            raise ValueError(f"ProbeSet.attention_mask has shape {_describe(mask)}, "
+        if not self.tensors:
+            raise ValueError("ProbeSet needs at least one tensor")
+        rows = {key: _rows(key, value) for key, value in self.tensors.items()}
+        if len(set(rows.values())) != 1:
+            raise ValueError(f"ProbeSet tensors differ in their number of sequences: {rows}")
+        count = next(iter(rows.values()))
+        if count == 0:
+            raise ValueError("ProbeSet is empty: it holds 0 sequences")
+        ids = self.tensors.get("input_ids")
+        if ids is not None and (ids.dim() != 2 or ids.is_floating_point() or ids.shape[1] < 2):
+            raise ValueError("ProbeSet input_ids must be an integer tensor of shape "
+                             f"(sequences, positions >= 2), got {_describe(ids)}")
+        mask = self.tensors.get("attention_mask")
+        if mask is not None and ids is not None and mask.shape != ids.shape:
+            raise ValueError(f"ProbeSet attention_mask has shape {tuple(mask.shape)}, "
                              f"input_ids has {tuple(ids.shape)}")
-        if len(self.datasets) != ids.shape[0]:
-            raise ValueError(f"ProbeSet has {ids.shape[0]} sequences but {len(self.datasets)} "
+        if len(self.datasets) != count:
+            raise ValueError(f"ProbeSet has {count} sequences but {len(self.datasets)} "
                              "dataset labels")
 
     @classmethod
     def from_tensors(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      datasets: str | Sequence[str] = "probe") -> ProbeSet:
         """Build from token ids; ``datasets`` is one label for all or one per sequence."""
-        input_ids = torch.as_tensor(input_ids).long().cpu()
-        if isinstance(datasets, str):
-            datasets = [datasets] * (input_ids.shape[0] if input_ids.dim() else 0)
+        tensors = {"input_ids": torch.as_tensor(input_ids).long().cpu()}
         if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask).long().cpu()
-        return cls(input_ids, attention_mask, tuple(str(d) for d in datasets))
+            tensors["attention_mask"] = torch.as_tensor(attention_mask).long().cpu()
+        return cls.from_batch(tensors, datasets)
+
+    @classmethod
+    def from_batch(cls, tensors: Mapping[str, torch.Tensor],
+                   datasets: str | Sequence[str] = "probe") -> ProbeSet:
+        """Build from any dict of tensors with one row per probe sequence or sample."""
+        tensors = {key: torch.as_tensor(value).cpu() for key, value in tensors.items()}
+        count = _rows(*next(iter(tensors.items()))) if tensors else 0
+        if isinstance(datasets, str):
+            datasets = [datasets] * count
+        return cls(tensors, tuple(str(d) for d in datasets))
 
     @classmethod
     def from_texts(cls, texts: Sequence[str], tokenizer, datasets: str | Sequence[str] = "probe",
@@ -69,19 +84,31 @@ class ProbeSet:
         return cls.from_tensors(input_ids, attention_mask, datasets)
 
     @property
+    def input_ids(self) -> torch.Tensor | None:
+        return self.tensors.get("input_ids")
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        return self.tensors.get("attention_mask")
+
+    @property
     def dataset_names(self) -> list[str]:
         """Distinct dataset labels in order of first appearance."""
         return list(dict.fromkeys(self.datasets))
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return len(self.datasets)
 
     def batch(self, start: int, stop: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Sequences ``start:stop`` as a model input dict on ``device``."""
-        batch = {"input_ids": self.input_ids[start:stop].to(device)}
-        if self.attention_mask is not None:
-            batch["attention_mask"] = self.attention_mask[start:stop].to(device)
-        return batch
+        return {key: value[start:stop].to(device) for key, value in self.tensors.items()}
+
+
+def _rows(key: str, value: object) -> int:
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        raise ValueError(f"ProbeSet tensor {key!r} must be a tensor with one row per sequence, "
+                         f"got {_describe(value)}")
+    return value.shape[0]
 
 
 def _describe(value: object) -> str:
