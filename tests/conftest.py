@@ -1,0 +1,48 @@
+"""Shared tiny models and data: everything is built from configs, nothing is downloaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
+
+from susc_callback import ProbeSet, SGLDConfig
+
+hf_logging.set_verbosity_error()
+
+VOCAB, CONTEXT = 64, 16
+
+
+def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=VOCAB, n_positions=CONTEXT,
+                        bos_token_id=0, eos_token_id=0, **overrides)
+    return GPT2LMHeadModel(config)
+
+
+@pytest.fixture
+def gpt2() -> GPT2LMHeadModel:
+    return tiny_gpt2().eval()
+
+
+@pytest.fixture
+def sampling_ids() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (24, CONTEXT), generator=generator)
+
+
+@pytest.fixture
+def probe() -> ProbeSet:
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (4, CONTEXT), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[3, 10:] = 0  # one right-padded sequence
+    return ProbeSet.from_tensors(ids, mask, datasets=["a", "a", "b", "b"])
+
+
+@pytest.fixture
+def config() -> SGLDConfig:
+    return SGLDConfig(num_chains=2, num_draws=4, batch_size=4, observable_sequences=4,
+                      eval_batch_size=3, step_size=1e-3, n_beta=10.0, gamma=100.0,
+                      progress=False)

@@ -1,0 +1,315 @@
+"""Engine behaviour: isolation from the caller, restriction, seeding, prefix replay, errors."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_gpt2
+
+from susc_callback import (
+    ChainDivergedError,
+    Component,
+    ProbeSet,
+    SGLDConfig,
+    estimate_susceptibilities,
+    head_components,
+)
+from susc_callback.components import resolve_components
+from susc_callback.sampler import chain_seed, make_generator
+
+
+def _estimate(model, probe, sampling_ids, config, components=None, **kwargs):
+    return estimate_susceptibilities(model, components, sampling_ids, probe, config, **kwargs)
+
+
+# -- a brute-force reference: one chain at a time, full forward/backward, masked update ----
+
+def _token_losses(model, batch):
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    valid = torch.ones_like(losses, dtype=torch.bool)
+    if mask is not None:
+        valid &= mask[:, :-1].bool() & mask[:, 1:].bool()
+    return losses, valid
+
+
+def _reference_draws(model, masks, data, probe, cfg, name):
+    """(L, l_x) at every draw of every chain, computed the plain way."""
+    m = cfg.observable_sequences
+    order = torch.randperm(len(data), generator=make_generator(
+        torch.device("cpu"), chain_seed(cfg.seed, "observable")))
+    observable = {"input_ids": data[order[:m]]}
+    probe_batch = {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask}
+    draws = []
+    for chain in range(cfg.num_chains):
+        work = copy.deepcopy(model).float().eval()
+        params = dict(work.named_parameters())
+        start = {k: v.detach().clone() for k, v in params.items()}
+        noise = make_generator(torch.device("cpu"), chain_seed(cfg.seed, name, chain))
+        batches = make_generator(torch.device("cpu"), chain_seed(cfg.seed, "batches", chain))
+        perm = torch.empty(0, dtype=torch.long)
+        for _ in range(cfg.num_steps):
+            if len(perm) < cfg.batch_size:
+                perm = torch.randperm(len(data), generator=batches)
+            index, perm = perm[:cfg.batch_size], perm[cfg.batch_size:]
+            losses, valid = _token_losses(work, {"input_ids": data[index]})
+            loss = losses[valid].mean()
+            work.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                obs_losses, obs_valid = _token_losses(work, observable)
+                probe_losses, probe_valid = _token_losses(work, probe_batch)
+                draws.append((obs_losses[obs_valid].mean().double(),
+                               probe_losses[probe_valid].double()))
+                for pname, mask in masks.items():
+                    p = params[pname]
+                    sel = torch.ones_like(p, dtype=torch.bool) if mask is None else mask
+                    u, u0 = p[sel], start[pname][sel]
+                    xi = torch.randn(u.shape, generator=noise)
+                    u = u - cfg.step_size / 2 * (cfg.n_beta * p.grad[sel]
+                                                 + cfg.gamma * (u - u0)) + cfg.step_size**0.5 * xi
+                    p[sel] = u
+    return draws
+
+
+def test_engine_matches_brute_force_reference(gpt2, probe, sampling_ids, config):
+    """Prefix replay, lockstep groups and pruned backward give the plain loop's numbers."""
+    heads = head_components(gpt2)
+    chosen = [heads[0], heads[3]]  # one head in each layer: prefix depth 0 and 1
+    result = _estimate(gpt2, probe, sampling_ids, config, components=chosen)
+    full_masks = {name: None for name, _ in gpt2.named_parameters()}
+    full = _reference_draws(gpt2, full_masks, sampling_ids, probe, config, "full")
+    anchor_ids = sampling_ids[torch.randperm(len(sampling_ids), generator=make_generator(
+        torch.device("cpu"), chain_seed(config.seed, "observable")))[:4]]
+    with torch.no_grad():
+        losses, valid = _token_losses(copy.deepcopy(gpt2).float(), {"input_ids": anchor_ids})
+    anchor = losses[valid].mean().double()
+    e_full = torch.stack([lx - L for L, lx in full]).mean(0)
+    for row, component in enumerate(chosen):
+        draws = _reference_draws(gpt2, component.masks, sampling_ids, probe, config,
+                                 component.name)
+        phi = torch.stack([L - anchor for L, _ in draws])
+        delta = torch.stack([lx - L for L, lx in draws])
+        chi = -((phi[:, None] * delta).mean(0) - phi.mean() * e_full)
+        np.testing.assert_allclose(result.chi[row], chi.numpy(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(result.mean_phi[row], phi.mean().item(), rtol=1e-4, atol=1e-8)
+
+
+# -- isolation ------------------------------------------------------------------------------
+
+def _model_state(model):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {k: p.requires_grad for k, p in model.named_parameters()},
+            {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()},
+            [m.training for m in model.modules()])
+
+
+def _assert_same_state(before, after):
+    for name in before[0]:
+        assert torch.equal(before[0][name], after[0][name]), name
+    assert before[1] == after[1]
+    for name, grad in before[2].items():
+        assert (grad is None) == (after[2][name] is None) and (
+            grad is None or torch.equal(grad, after[2][name])), name
+    assert before[3] == after[3]
+
+
+def _rng_state():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def _assert_same_rng(before, after):
+    assert torch.equal(before[0], after[0])
+    assert np.array_equal(before[1], after[1])
+    assert before[2] == after[2]
+
+
+def _prepared_model():
+    model = tiny_gpt2(resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1).train()
+    model.transformer.wpe.weight.requires_grad_(False)  # a frozen flag that must survive
+    model(input_ids=torch.zeros(2, 4, dtype=torch.long)).logits.sum().backward()
+    return model
+
+
+def test_caller_model_and_rng_untouched(probe, sampling_ids, config):
+    model = _prepared_model()
+    before, rng = _model_state(model), _rng_state()
+    _estimate(model, probe, sampling_ids, config)
+    _assert_same_state(before, _model_state(model))
+    _assert_same_rng(rng, _rng_state())
+
+
+def test_caller_model_and_rng_untouched_when_a_chain_diverges(probe, sampling_ids, config):
+    model = _prepared_model()
+    before, rng = _model_state(model), _rng_state()
+    pattern = r"chain 0 of component '\w+' diverged at step \d+"
+    with pytest.raises(ChainDivergedError, match=pattern):
+        _estimate(model, probe, sampling_ids, config.replace(step_size=1e6, gamma=0.0))
+    _assert_same_state(before, _model_state(model))
+    _assert_same_rng(rng, _rng_state())
+
+
+def test_samples_float32_in_eval_mode(probe, sampling_ids, config):
+    model = tiny_gpt2(resid_pdrop=0.5).to(torch.bfloat16).train()
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append((m.training, next(m.parameters()).dtype))
+        logits = m(input_ids=batch["input_ids"]).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:],
+                               reduction="none")
+
+    _estimate(model, probe, sampling_ids, config, loss_fn=loss_fn)
+    assert seen and all(mode == (False, torch.float32) for mode in seen)
+    assert model.training and next(model.parameters()).dtype == torch.bfloat16
+
+
+# -- restriction ----------------------------------------------------------------------------
+
+def test_restricted_chain_moves_exactly_its_entries(gpt2, probe, sampling_ids, config):
+    """Every forward pass sees w* outside the component's mask and moved entries inside it."""
+    mask = torch.zeros_like(gpt2.transformer.h[1].attn.c_attn.weight, dtype=torch.bool)
+    mask[3:7, 5:20] = True
+    component = Component("patch", {"transformer.h.1.attn.c_attn.weight": mask})
+    start = {k: v.detach().clone() for k, v in gpt2.named_parameters()}
+    snapshots = []
+
+    def loss_fn(m, batch):
+        snapshots.append({k: v.detach().clone() for k, v in m.named_parameters()})
+        logits = m(input_ids=batch["input_ids"]).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:],
+                               reduction="none")
+
+    _estimate(gpt2, probe, sampling_ids, config, components=[component], loss_fn=loss_fn)
+    name = "transformer.h.1.attn.c_attn.weight"
+    untouched_wte = [p for p in snapshots
+                     if torch.equal(p["transformer.wte.weight"], start["transformer.wte.weight"])]
+    component_calls = [p for p in untouched_wte if not torch.equal(p[name], start[name])]
+    assert len(component_calls) > 0
+    for params in untouched_wte:  # the component's calls (and w* itself)
+        for other, value in params.items():
+            if other != name:
+                assert torch.equal(value, start[other]), other
+        assert torch.equal(params[name][~mask], start[name][~mask])
+    assert len(untouched_wte) < len(snapshots)  # the full chain moved everything else
+
+
+# -- seeding --------------------------------------------------------------------------------
+
+def test_fixed_seed_reproduces_and_components_are_independent(gpt2, probe, sampling_ids,
+                                                              config):
+    heads = head_components(gpt2)
+    together = _estimate(gpt2, probe, sampling_ids, config, components=heads)
+    again = _estimate(gpt2, probe, sampling_ids, config, components=heads)
+    assert np.array_equal(together.chi, again.chi)
+    reversed_run = _estimate(gpt2, probe, sampling_ids, config, components=heads[::-1])
+    alone = _estimate(gpt2, probe, sampling_ids, config, components=[heads[2]])
+    assert np.array_equal(reversed_run.chi[::-1], together.chi)
+    assert np.array_equal(alone.chi[0], together.chi[2])
+    other_seed = _estimate(gpt2, probe, sampling_ids, config.replace(seed=1), components=heads)
+    assert not np.array_equal(other_seed.chi, together.chi)
+
+
+def test_phi_is_zero_at_the_checkpoint(gpt2, probe, sampling_ids, config):
+    """The first draw (no burn-in) is w* itself, so L equals the anchor exactly."""
+    result = _estimate(gpt2, probe, sampling_ids, config)
+    assert np.array_equal(result.loss_traces[:, :, 0],
+                          np.broadcast_to(result.anchor_loss[:, None], (4, 2)))
+
+
+def test_separate_batch_anchor_offsets_phi(gpt2, probe, sampling_ids, config):
+    result = _estimate(gpt2, probe, sampling_ids, config.replace(anchor="separate-batches"))
+    assert not np.allclose(result.loss_traces[:, :, 0], result.anchor_loss[:, None])
+
+
+def test_minibatch_observable(gpt2, probe, sampling_ids, config):
+    result = _estimate(gpt2, probe, sampling_ids, config.replace(observable="minibatch"))
+    assert np.isfinite(result.chi).all()
+    assert np.array_equal(result.loss_traces[:, :, 0], result.loss_traces[:, :, 0])
+
+
+# -- divergence -----------------------------------------------------------------------------
+
+def test_divergence_marked_and_other_components_kept(gpt2, probe, sampling_ids, config):
+    heads = head_components(gpt2)
+    poison = Component("poison", {"transformer.h.0.mlp.c_fc.weight": None})
+    c_fc = gpt2.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    wte = gpt2.transformer.wte.weight.detach().clone()
+
+    def loss_fn(m, batch):
+        """NaN whenever only the poison component has moved."""
+        logits = m(input_ids=batch["input_ids"]).logits
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:],
+                                 reduction="none")
+        poisoned = (not torch.equal(m.transformer.h[0].mlp.c_fc.weight, c_fc)
+                    and torch.equal(m.transformer.wte.weight, wte))
+        return losses * (float("nan") if poisoned else 1.0)
+
+    with pytest.warns(RuntimeWarning, match="component 'poison' diverged at step 1"):
+        result = _estimate(gpt2, probe, sampling_ids, config.replace(on_divergence="mark"),
+                           components=[heads[3], poison], loss_fn=loss_fn)
+    assert list(result.failed) == ["poison"]
+    assert np.isnan(result.chi[1]).all() and np.isfinite(result.chi[0]).all()
+    with pytest.raises(ChainDivergedError, match="Lower step_size or raise gamma"):
+        _estimate(gpt2, probe, sampling_ids, config, components=[poison], loss_fn=loss_fn)
+
+
+# -- input errors ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"step_size": -1.0}, "step_size: -1.0"),
+    ({"n_beta": float("nan")}, "n_beta"),
+    ({"gamma": -2.0}, "gamma: -2.0"),
+    ({"num_draws": 0}, "num_draws: 0"),
+    ({"observable": "batch"}, "observable: 'batch'"),
+    ({"anchor": "devinterp"}, "anchor: 'devinterp'"),
+])
+def test_config_rejects_bad_values(change, message):
+    with pytest.raises(ValueError, match=message):
+        SGLDConfig(**change)
+
+
+def test_too_little_sampling_data(gpt2, probe, sampling_ids, config):
+    with pytest.raises(ValueError, match="fewer than batch_size = 30"):
+        _estimate(gpt2, probe, sampling_ids, config.replace(batch_size=30))
+
+
+def test_bad_loss_fn_output(gpt2, probe, sampling_ids, config):
+    with pytest.raises(ValueError, match="loss_fn must return"):
+        _estimate(gpt2, probe, sampling_ids, config,
+                  loss_fn=lambda m, b: torch.zeros(2, 2, 2))
+
+
+def test_probe_validation():
+    with pytest.raises(ValueError, match="2 sequences but 3 dataset labels"):
+        ProbeSet.from_tensors(torch.zeros(2, 5, dtype=torch.long), datasets=["a", "b", "c"])
+    with pytest.raises(ValueError, match="integer tensor"):
+        ProbeSet.from_tensors(torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        ProbeSet.from_tensors(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4))
+
+
+def test_generic_module_with_custom_loss():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x, y = torch.randn(40, 3), torch.randn(40)
+    probe = ProbeSet.from_batch({"x": x[:6], "y": y[:6]}, datasets=["p"] * 3 + ["q"] * 3)
+
+    def loss_fn(m, batch):
+        return (m(batch["x"]).squeeze(-1) - batch["y"]) ** 2
+
+    components = {"first": {"0.weight": None, "0.bias": None}, "second": {"2.weight": None}}
+    cfg = SGLDConfig(num_chains=2, num_draws=10, batch_size=8, observable_sequences=8,
+                     progress=False)
+    result = estimate_susceptibilities(model, components, {"x": x, "y": y}, probe, cfg,
+                                       loss_fn=loss_fn)
+    assert result.chi.shape == (2, 6) and result.dataset_chi.shape == (2, 2)
+    assert np.allclose(result.dataset_chi[:, 0], result.chi[:, :3].mean(1))
+    assert resolve_components(model, components)[0].size == 16
