@@ -115,7 +115,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt_neox": Architecture(
         blocks="gpt_neox.layers", attention="attention", mlp="mlp",
         embedding=("gpt_neox.embed_in",),
-        unembedding=("gpt_neox.final_layer_norm", "embed_out"),
+        # The output head is ``embed_out`` before transformers 5 and ``lm_head`` from 5 on;
+        # missing paths are skipped, so listing both keeps "unembed" complete on either.
+        unembedding=("gpt_neox.final_layer_norm", "embed_out", "lm_head"),
         num_heads=_config_heads("num_attention_heads"), head_slices=_neox_heads),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
