@@ -9,6 +9,7 @@ from typing import Any, Literal
 ObservableLoss = Literal["fixed", "minibatch"]
 Anchor = Literal["exact", "separate-batches"]
 OnDivergence = Literal["raise", "mark"]
+BatchChains = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,13 @@ class SGLDConfig:
     on_divergence: OnDivergence = "raise"
     """A chain whose loss or weights become non-finite: "raise" an error naming the
     component, chain and step, or "mark" the component as failed (NaN row) and go on."""
+    batch_chains: BatchChains = "auto"
+    """Evaluate the chains of one prefix group together with ``torch.func.vmap`` ("on"),
+    one at a time ("off"), or "auto": batched on CUDA (small models are launch-bound
+    there), one at a time on CPU (where batching does not pay). Same numbers either way,
+    up to float rounding."""
+    max_batched_chains: int = 32
+    """Most chains evaluated in one batch; lower it if a batch does not fit in memory."""
     device: str | None = None
     """Where to sample; None = the model's own device."""
     progress: bool | None = None
@@ -71,7 +79,7 @@ class SGLDConfig:
         if not (math.isfinite(self.gamma) and self.gamma >= 0):
             raise ValueError(f"Invalid gamma: {self.gamma!r} (must be a finite number >= 0)")
         for name in ("num_chains", "num_draws", "steps_between_draws", "batch_size",
-                     "observable_sequences", "eval_batch_size"):
+                     "observable_sequences", "eval_batch_size", "max_batched_chains"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
@@ -80,6 +88,7 @@ class SGLDConfig:
         _check_choice("observable", self.observable, ("fixed", "minibatch"))
         _check_choice("anchor", self.anchor, ("exact", "separate-batches"))
         _check_choice("on_divergence", self.on_divergence, ("raise", "mark"))
+        _check_choice("batch_chains", self.batch_chains, ("auto", "on", "off"))
 
     @property
     def num_steps(self) -> int:

@@ -37,8 +37,9 @@ from susc_callback.components import (
     resolve_components,
 )
 from susc_callback.config import SGLDConfig
-from susc_callback.data import LossFn, SamplingData, mean_loss, token_losses
+from susc_callback.data import LossFn, SamplingData, token_losses
 from susc_callback.estimator import DrawSums, susceptibilities
+from susc_callback.group import ChainStep, GroupLosses, evaluate_batched, evaluate_sequential
 from susc_callback.prefix import PrefixReplay
 from susc_callback.probes import ProbeSet
 from susc_callback.results import SusceptibilityResult
@@ -156,6 +157,10 @@ class _Run:
         full = ResolvedComponent(FULL, {name: None for name in self.params},
                                  sum(p.numel() for p in self.params.values()), True)
         self.components = [*components, full]
+        self.batched = config.batch_chains == "on" or (
+            config.batch_chains == "auto" and device.type == "cuda")
+        if self.batched and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")  # plain matmuls: vmap has rules for them
         self.probe_chunks = [probe.batch(i, i + config.eval_batch_size, device)
                              for i in range(0, len(probe), config.eval_batch_size)]
         order = torch.randperm(len(data), generator=make_generator(
@@ -164,6 +169,7 @@ class _Run:
         self.observable_chunks = self._chunks(order[:m])
         self.anchor_chunks = self._chunks(order[m:2 * m])
         self.failed: dict[str, str] = {}
+        self.fixed_anchors: dict[str, float] = {}
 
     def _chunks(self, indices: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         size = self.config.eval_batch_size
@@ -172,6 +178,10 @@ class _Run:
 
     def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return token_losses(self.loss_fn, self.model, batch)
+
+    def _group_losses(self, depth: int, observable_chunks: list[dict]) -> GroupLosses:
+        return GroupLosses(self.model, self.loss_fn, self.prefix, depth, self.probe_chunks,
+                           self.probe_valid, observable_chunks)
 
     # -- plan -------------------------------------------------------------------------------
 
@@ -187,30 +197,6 @@ class _Run:
                         for alias in aliases[name])
             groups.setdefault(depth, []).append(component)
         return dict(sorted(groups.items()))
-
-    # -- evaluation -------------------------------------------------------------------------
-
-    def _replayed_mean(self, depth: int, chunks: list, cached: list) -> torch.Tensor:
-        """Token-weighted mean loss over ``chunks`` at the current weights (no grad)."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = 0
-        with torch.no_grad():
-            for chunk, hidden in zip(chunks, cached):
-                with self.prefix.replay(depth, hidden):
-                    losses, valid = self._losses(chunk)
-                total += torch.where(valid, losses, 0.0).sum().double()
-                count += int(valid.sum())
-        return total / max(count, 1)
-
-    def _probe_losses(self, depth: int, cached: list) -> torch.Tensor:
-        """Per-token probe losses (P,) at the current weights (no grad)."""
-        with torch.no_grad():
-            parts = []
-            for chunk, hidden, valid in zip(self.probe_chunks, cached, self.probe_valid):
-                with self.prefix.replay(depth, hidden):
-                    losses, _ = self._losses(chunk)
-                parts.append(losses[valid])
-        return torch.cat(parts)
 
     def _probe_layout(self) -> tuple[np.ndarray, np.ndarray]:
         """(sequence, position) of every probe token, from the validity masks at w*."""
@@ -237,25 +223,26 @@ class _Run:
         groups = self._groups()
         sums = {c.name: DrawSums(num_tokens, cfg.num_chains, cfg.num_draws, self.device)
                 for c in self.components}
-        anchors: dict[str, float] = {}
         total = len(self.components) * cfg.num_chains * cfg.num_steps
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        with torch.no_grad():
+            separate_anchor = self._group_losses(0, self.anchor_chunks).observable_loss() \
+                if cfg.anchor == "separate-batches" else None
         with tqdm(total=total, disable=not show, desc="SGLD", unit="step") as bar:
             for depth, members in groups.items():
-                self._run_group(depth, members, sums, anchors, bar)
-        return self._result(sums, anchors, token_sequence, token_position, step)
+                self._run_group(depth, members, sums, separate_anchor, bar)
+        return self._result(sums, token_sequence, token_position, step)
 
     def _run_group(self, depth: int, members: list[ResolvedComponent],
-                   sums: dict[str, DrawSums], anchors: dict[str, float], bar: tqdm) -> None:
+                   sums: dict[str, DrawSums], anchor: torch.Tensor | None, bar: tqdm) -> None:
         cfg = self.config
-        capture = self.prefix.capture
-        probe_cache = [capture(depth, lambda c=c: self._losses(c)) for c in self.probe_chunks]
-        observable_cache = [capture(depth, lambda c=c: self._losses(c))
-                            for c in self.observable_chunks]
-        if cfg.anchor == "separate-batches":
-            anchor = self._replayed_mean(0, self.anchor_chunks, [None] * len(self.anchor_chunks))
-        elif cfg.observable == "fixed":
-            anchor = self._replayed_mean(depth, self.observable_chunks, observable_cache)
+        minibatch_observable = cfg.observable == "minibatch"
+        with torch.no_grad():
+            group = self._group_losses(depth, self.observable_chunks)
+            if anchor is None and not minibatch_observable:
+                anchor = group.observable_loss()
+        if anchor is not None:  # one L(w*) for every draw of the group
+            self.fixed_anchors.update({c.name: float(anchor) for c in members})
         for chain_index in range(cfg.num_chains):
             chains = [RestrictedChain(c, self.params, make_generator(
                 self.device, chain_seed(cfg.seed, c.name, chain_index)))
@@ -264,37 +251,51 @@ class _Run:
                                     chain_seed(cfg.seed, "batches", chain_index))
             for step_index in range(cfg.num_steps):
                 batch = self.data.batch(batches.next(), self.device)
-                hidden = capture(depth, lambda b=batch: self._losses(b))
                 draw = _draw_index(step_index, cfg)
-                if draw is not None and cfg.observable == "minibatch" and cfg.anchor == "exact":
-                    anchor = self._replayed_mean(depth, [batch], [hidden])
-                for chain in list(chains):
-                    chain.load()
-                    try:
-                        with self.prefix.replay(depth, hidden):
-                            loss = mean_loss(*self._losses(batch))
-                        grads = torch.autograd.grad(loss, chain.params)
-                        if draw is not None:
-                            observable = loss.detach() if cfg.observable == "minibatch" else \
-                                self._replayed_mean(depth, self.observable_chunks,
-                                                    observable_cache)
-                            token = self._probe_losses(depth, probe_cache)
-                            problem = _nonfinite(observable, token)
-                            if problem is None:
-                                sums[chain.name].add(chain_index, draw, observable, anchor, token)
-                                anchors[chain.name] = float(anchor)
-                        else:
-                            problem = None
-                        chain.step(grads, step_size=cfg.step_size, n_beta=cfg.n_beta,
-                                   gamma=cfg.gamma)
-                        problem = problem or _nonfinite(loss) or (
-                            None if chain.is_finite() else "non-finite weights")
-                    finally:
-                        chain.unload()
-                    if problem is not None:
-                        self._diverged(chain.name, chain_index, step_index, problem)
+                with torch.no_grad():
+                    hidden = group.capture(batch)
+                    if draw is not None and minibatch_observable and cfg.anchor == "exact":
+                        anchor = group.mean([(batch, hidden)])
+                outputs = []
+                for part, evaluate in self._partition(chains):
+                    outputs += evaluate(part, group, batch, hidden, draw is not None,
+                                        minibatch_observable)
+                for chain, output in zip(list(chains), outputs):
+                    if not self._advance(chain, output, chain_index, step_index, draw, anchor,
+                                         sums[chain.name]):
                         chains.remove(chain)
                 bar.update(len(members))
+
+    def _partition(self, chains: list[RestrictedChain]):
+        """Chains in evaluation batches: the full chain alone and sequential; the others
+        batched in groups of at most ``max_batched_chains`` when batching is on."""
+        restricted = [c for c in chains if c.name != FULL]
+        if self.batched:
+            size = self.config.max_batched_chains
+            parts = [(restricted[i:i + size], evaluate_batched)
+                     for i in range(0, len(restricted), size)]
+        else:
+            parts = [(restricted, evaluate_sequential)] if restricted else []
+        full = [c for c in chains if c.name == FULL]
+        return parts + ([(full, evaluate_sequential)] if full else [])
+
+    def _advance(self, chain: RestrictedChain, output: ChainStep, chain_index: int,
+                 step_index: int, draw: int | None, anchor: torch.Tensor,
+                 sums: DrawSums) -> bool:
+        """Record a draw, apply the SGLD update; False (after reporting) if it diverged."""
+        cfg = self.config
+        problem = None
+        if draw is not None:
+            problem = _nonfinite(output.observable, output.tokens)
+            if problem is None:
+                sums.add(chain_index, draw, output.observable, anchor, output.tokens)
+        chain.step(output.grads, step_size=cfg.step_size, n_beta=cfg.n_beta, gamma=cfg.gamma)
+        problem = problem or _nonfinite(output.loss) or (
+            None if chain.is_finite() else "non-finite weights")
+        if problem is None:
+            return True
+        self._diverged(chain.name, chain_index, step_index, problem)
+        return False
 
     def _diverged(self, name: str, chain: int, step: int, problem: str) -> None:
         error = ChainDivergedError(name, chain, step, problem)
@@ -305,9 +306,8 @@ class _Run:
 
     # -- result -----------------------------------------------------------------------------
 
-    def _result(self, sums: dict[str, DrawSums], anchors: dict[str, float],
-                token_sequence: np.ndarray, token_position: np.ndarray,
-                step: int | None) -> SusceptibilityResult:
+    def _result(self, sums: dict[str, DrawSums], token_sequence: np.ndarray,
+                token_position: np.ndarray, step: int | None) -> SusceptibilityResult:
         cfg = self.config
         full = sums[FULL]
         names = [c.name for c in self.components if c.name != FULL]
@@ -331,7 +331,8 @@ class _Run:
             component_names=names, chi=chi, dataset_names=datasets, dataset_chi=dataset_chi,
             rllc=cfg.n_beta * mean_phi, llc_full=cfg.n_beta * full.mean_phi(),
             mean_phi=mean_phi,
-            anchor_loss=np.array([anchors.get(n, np.nan) for n in names]),
+            anchor_loss=np.array([self.fixed_anchors.get(n, sums[n].mean_anchor())
+                                  for n in names]),
             loss_traces=np.stack([sums[n].loss_trace.cpu().numpy() for n in names]),
             full_loss_trace=full.loss_trace.cpu().numpy(),
             token_sequence=token_sequence.astype(np.int64),

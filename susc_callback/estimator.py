@@ -29,6 +29,7 @@ class DrawSums:
         self.phi_loss = zeros.clone()
         self.token = torch.zeros(num_tokens, dtype=torch.float64, device=device)
         self.phi_token = torch.zeros(num_tokens, dtype=torch.float64, device=device)
+        self.anchor = zeros.clone()
         self.loss_trace = torch.full((num_chains, num_draws), float("nan"), dtype=torch.float64,
                                      device=device)
 
@@ -45,9 +46,14 @@ class DrawSums:
         self.token += token_losses
         self.phi_token += phi * token_losses
         self.loss_trace[chain, draw] = loss
+        self.anchor += anchor_loss.double()
 
     def mean_phi(self) -> float:
         return float(self.phi / self.count)
+
+    def mean_anchor(self) -> float:
+        """Mean over draws of L(w*) (it varies per draw with a minibatch observable)."""
+        return float(self.anchor / self.count) if self.count else float("nan")
 
 
 def susceptibilities(component: DrawSums, full: DrawSums) -> np.ndarray:

@@ -55,7 +55,8 @@ class RestrictedChain:
     def __init__(self, component: ResolvedComponent, params: dict[str, nn.Parameter],
                  generator: torch.Generator) -> None:
         self.name = component.name
-        self.params = [params[name] for name in component.entries]
+        self.names = list(component.entries)
+        self.params = [params[name] for name in self.names]
         self.indices = [None if index is None else index.to(params[name].device)
                         for name, index in component.entries.items()]
         self.anchors = [self._read(p, i).clone() for p, i in zip(self.params, self.indices)]
@@ -75,6 +76,16 @@ class RestrictedChain:
                     flat.copy_(value)
                 else:
                     flat[index] = value
+
+    def write_into(self, name: str, target: torch.Tensor) -> None:
+        """Write the chain's current values of parameter ``name`` into ``target`` (a tensor
+        of the parameter's shape holding w*)."""
+        position = self.names.index(name)
+        flat, index = target.view(-1), self.indices[position]
+        if index is None:
+            flat.copy_(self.state[position])
+        else:
+            flat[index] = self.state[position]
 
     def load(self) -> None:
         """Write the chain's current values into the model and make them trainable."""
