@@ -344,3 +344,18 @@ def test_prefix_replay_matches_full_forward(model_type, probe, sampling_ids, con
     assert replayed.component_names == recomputed.component_names
     np.testing.assert_allclose(replayed.chi, recomputed.chi, rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(replayed.rllc, recomputed.rllc, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_batched_chains_match_sequential(model_type, probe, sampling_ids, config):
+    """vmap over a group's chains (split into batches of 3) gives the one-at-a-time numbers."""
+    model = tiny_gpt2() if model_type == "gpt2" else _tiny_causal_lm(model_type)
+    components = "heads,mlp"
+    sequential = _estimate(model, probe, sampling_ids, config.replace(batch_chains="off"),
+                           components=components)
+    batched = _estimate(model, probe, sampling_ids,
+                        config.replace(batch_chains="on", max_batched_chains=3),
+                        components=components)
+    np.testing.assert_allclose(batched.chi, sequential.chi, rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(batched.mean_phi, sequential.mean_phi, rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(batched.loss_traces, sequential.loss_traces, rtol=1e-5)
