@@ -129,7 +129,13 @@ def architecture_of(model: nn.Module) -> Architecture:
     """The built-in layout of ``model``; a clear error for unsupported models."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     arch = ARCHITECTURES.get(model_type)
-    if arch is None or not _has_module(model, arch.blocks):
+    if arch is not None and not _has_module(model, arch.blocks):
+        raise ValueError(
+            f"{type(model).__name__} (model_type {model_type!r}) has no {arch.blocks!r}: "
+            "the built-in layouts are for the causal-LM classes (e.g. GPT2LMHeadModel, "
+            "LlamaForCausalLM), not bare base models. Load the causal LM, or pass components "
+            "by hand (see docs/components.md).")
+    if arch is None:
         found = f"model_type {model_type!r}" if model_type else type(model).__name__
         raise ValueError(
             f"No built-in component layout for {found} (supported causal LMs: "
