@@ -11,6 +11,16 @@ from susc_callback import ProbeSet, SGLDConfig
 
 hf_logging.set_verbosity_error()
 
+
+@pytest.fixture(scope="session", autouse=True)
+def single_thread():
+    """The test models are tiny: intra-op threads only add synchronisation, which costs
+    several times the work on a busy 2-core machine. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 VOCAB, CONTEXT = 64, 16
 
 

@@ -42,16 +42,6 @@ LAYERS, HEADS, HIDDEN, VOCAB = 2, 4, 32, 61
 EAGER = {"attn_implementation": "eager"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models here are tiny: intra-op threading only adds synchronisation overhead
-    (large on a busy machine). Restored afterwards for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _finish(model: nn.Module, seed: int) -> nn.Module:
     """Eval mode, float64, and non-degenerate weights (HF init is tiny and zeroes biases)."""
     torch.manual_seed(seed)
