@@ -159,6 +159,7 @@ class _Run:
         self.components = [*components, full]
         self.batched = config.batch_chains == "on" or (
             config.batch_chains == "auto" and device.type == "cuda")
+        self.batch_limit = config.max_batched_chains
         if self.batched and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("eager")  # plain matmuls: vmap has rules for them
         self.probe_chunks = [probe.batch(i, i + config.eval_batch_size, device)
@@ -256,28 +257,48 @@ class _Run:
                     hidden = group.capture(batch)
                     if draw is not None and minibatch_observable and cfg.anchor == "exact":
                         anchor = group.mean([(batch, hidden)])
-                outputs = []
-                for part, evaluate in self._partition(chains):
-                    outputs += evaluate(part, group, batch, hidden, draw is not None,
-                                        minibatch_observable)
-                for chain, output in zip(list(chains), outputs):
+                evaluated = self._evaluate(chains, group, batch, hidden, draw is not None)
+                for chain, output in evaluated:
                     if not self._advance(chain, output, chain_index, step_index, draw, anchor,
                                          sums[chain.name]):
                         chains.remove(chain)
                 bar.update(len(members))
 
-    def _partition(self, chains: list[RestrictedChain]):
-        """Chains in evaluation batches: the full chain alone and sequential; the others
-        batched in groups of at most ``max_batched_chains`` when batching is on."""
+    def _evaluate(self, chains: list[RestrictedChain], group: GroupLosses, batch: dict,
+                  hidden: torch.Tensor | None, draw: bool
+                  ) -> list[tuple[RestrictedChain, ChainStep]]:
+        """Every chain's step outputs. The full chain runs alone; the others one at a time,
+        or batched in groups of at most ``batch_limit`` chains, halved whenever a batch
+        runs out of device memory (evaluation changes no chain state, so a retry is
+        exact)."""
+        minibatch_observable = self.config.observable == "minibatch"
         restricted = [c for c in chains if c.name != FULL]
-        if self.batched:
-            size = self.config.max_batched_chains
-            parts = [(restricted[i:i + size], evaluate_batched)
-                     for i in range(0, len(restricted), size)]
-        else:
-            parts = [(restricted, evaluate_sequential)] if restricted else []
         full = [c for c in chains if c.name == FULL]
-        return parts + ([(full, evaluate_sequential)] if full else [])
+        pairs = list(zip(full, evaluate_sequential(full, group, batch, hidden, draw,
+                                                   minibatch_observable)))
+        if not self.batched:
+            outputs = evaluate_sequential(restricted, group, batch, hidden, draw,
+                                          minibatch_observable)
+            return list(zip(restricted, outputs)) + pairs
+        start = 0
+        while start < len(restricted):
+            part = restricted[start:start + self.batch_limit]
+            try:
+                outputs = evaluate_batched(part, group, batch, hidden, draw,
+                                           minibatch_observable)
+            except torch.OutOfMemoryError:
+                if len(part) == 1:
+                    raise
+                self.batch_limit = len(part) // 2
+                warnings.warn(f"Out of memory with {len(part)} chains in one batch; "
+                              f"continuing with {self.batch_limit}", RuntimeWarning,
+                              stacklevel=2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            pairs += zip(part, outputs)
+            start += len(part)
+        return pairs
 
     def _advance(self, chain: RestrictedChain, output: ChainStep, chain_index: int,
                  step_index: int, draw: int | None, anchor: torch.Tensor,

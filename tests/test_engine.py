@@ -359,3 +359,31 @@ def test_batched_chains_match_sequential(model_type, probe, sampling_ids, config
     np.testing.assert_allclose(batched.chi, sequential.chi, rtol=1e-4, atol=2e-6)
     np.testing.assert_allclose(batched.mean_phi, sequential.mean_phi, rtol=1e-4, atol=2e-6)
     np.testing.assert_allclose(batched.loss_traces, sequential.loss_traces, rtol=1e-5)
+
+
+def test_batches_split_when_out_of_memory(gpt2, probe, sampling_ids, config, monkeypatch):
+    """A batch that does not fit is halved and retried, with the same numbers."""
+    import susc_callback.engine as engine
+
+    sizes = []
+    real = engine.evaluate_batched
+
+    def small_device(chains, *args):
+        sizes.append(len(chains))
+        if len(chains) > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(chains, *args)
+
+    reference = _estimate(gpt2, probe, sampling_ids, config.replace(batch_chains="on"))
+    monkeypatch.setattr(engine, "evaluate_batched", small_device)
+    with pytest.warns(RuntimeWarning, match="Out of memory with 2 chains"):
+        split = _estimate(gpt2, probe, sampling_ids, config.replace(batch_chains="on"))
+    assert sizes[:3] == [2, 1, 1] and max(sizes[3:]) == 1
+    np.testing.assert_allclose(split.chi, reference.chi, rtol=1e-5, atol=1e-8)
+
+
+def test_progress_bar_only_when_asked(gpt2, probe, sampling_ids, config, capsys):
+    _estimate(gpt2, probe, sampling_ids, config.replace(progress=True))
+    assert "SGLD" in capsys.readouterr().err
+    _estimate(gpt2, probe, sampling_ids, config.replace(progress=None))  # stderr not a tty
+    assert "SGLD" not in capsys.readouterr().err
