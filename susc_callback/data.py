@@ -74,8 +74,12 @@ def causal_lm_token_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]
     input_ids = batch["input_ids"]
     attention_mask = batch.get("attention_mask")
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    # Cross-entropy over the flat, contiguous (B*T, V) logits (the fast kernel; a transposed
+    # (B, V, T) input is several times slower). The last position has no target: ignored.
     targets = input_ids[:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    shifted = F.pad(targets, (0, 1), value=-100)
+    losses = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), reduction="none")
+    losses = losses.view(input_ids.shape)[:, :-1]
     valid = torch.ones_like(targets, dtype=torch.bool)
     if attention_mask is not None:
         valid = valid & attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
