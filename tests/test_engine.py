@@ -350,6 +350,7 @@ def test_prefix_replay_matches_full_forward(model_type, probe, sampling_ids, con
 def test_batched_chains_match_sequential(model_type, probe, sampling_ids, config):
     """vmap over a group's chains (split into batches of 3) gives the one-at-a-time numbers."""
     model = tiny_gpt2() if model_type == "gpt2" else _tiny_causal_lm(model_type)
+    attention = model.config._attn_implementation
     components = "heads,mlp"
     sequential = _estimate(model, probe, sampling_ids, config.replace(batch_chains="off"),
                            components=components)
@@ -359,6 +360,7 @@ def test_batched_chains_match_sequential(model_type, probe, sampling_ids, config
     np.testing.assert_allclose(batched.chi, sequential.chi, rtol=1e-4, atol=2e-6)
     np.testing.assert_allclose(batched.mean_phi, sequential.mean_phi, rtol=1e-4, atol=2e-6)
     np.testing.assert_allclose(batched.loss_traces, sequential.loss_traces, rtol=1e-5)
+    assert model.config._attn_implementation == attention  # only the snapshot switched
 
 
 def test_batches_split_when_out_of_memory(gpt2, probe, sampling_ids, config, monkeypatch):
