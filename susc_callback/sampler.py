@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -68,24 +69,24 @@ class RestrictedChain:
         flat = param.detach().view(-1)
         return flat if index is None else flat[index]
 
+    @staticmethod
+    def _scatter(target: torch.Tensor, index: torch.Tensor | None, values: torch.Tensor) -> None:
+        flat = target.view(-1)
+        if index is None:
+            flat.copy_(values)
+        else:
+            flat[index] = values
+
     def _write(self, values: list[torch.Tensor]) -> None:
         with torch.no_grad():
             for param, index, value in zip(self.params, self.indices, values):
-                flat = param.view(-1)
-                if index is None:
-                    flat.copy_(value)
-                else:
-                    flat[index] = value
+                self._scatter(param, index, value)
 
     def write_into(self, name: str, target: torch.Tensor) -> None:
         """Write the chain's current values of parameter ``name`` into ``target`` (a tensor
         of the parameter's shape holding w*)."""
         position = self.names.index(name)
-        flat, index = target.view(-1), self.indices[position]
-        if index is None:
-            flat.copy_(self.state[position])
-        else:
-            flat[index] = self.state[position]
+        self._scatter(target, self.indices[position], self.state[position])
 
     def load(self) -> None:
         """Write the chain's current values into the model and make them trainable."""
@@ -99,7 +100,7 @@ class RestrictedChain:
             param.requires_grad_(False)
         self._write(self.anchors)
 
-    def step(self, grads: tuple[torch.Tensor, ...], *, step_size: float, n_beta: float,
+    def step(self, grads: Sequence[torch.Tensor], *, step_size: float, n_beta: float,
              gamma: float) -> None:
         """Apply one SGLD update from full-tensor gradients of the loaded parameters."""
         restricted = [self._read(g, i) for g, i in zip(grads, self.indices)]
@@ -107,4 +108,5 @@ class RestrictedChain:
                     gamma=gamma, generator=self.generator)
 
     def is_finite(self) -> bool:
+        """Whether every current value is finite."""
         return all(bool(torch.isfinite(u).all()) for u in self.state)
