@@ -13,6 +13,7 @@ chains of a group at a step, with the same numbers up to float rounding:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,10 @@ class ChainStep:
     grads: list[torch.Tensor]
     observable: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+
+
+Forward = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
+"""``batch -> (losses, valid)``: the snapshot's current weights, or substituted ones."""
 
 
 class _TokenLosses(nn.Module):
@@ -68,7 +73,7 @@ class GroupLosses:
         return self.prefix.capture(self.depth, lambda: self.losses(batch))
 
     def mean(self, chunks: list[tuple[dict, torch.Tensor | None]],
-             forward=None) -> torch.Tensor:
+             forward: Forward | None = None) -> torch.Tensor:
         """Token-weighted mean loss over ``chunks`` (float64); ``forward`` defaults to the
         snapshot's current weights."""
         forward = forward or self.losses
@@ -80,7 +85,7 @@ class GroupLosses:
             count = count + valid.sum((-2, -1))
         return total / count.clamp(min=1)
 
-    def probe_losses(self, forward=None) -> torch.Tensor:
+    def probe_losses(self, forward: Forward | None = None) -> torch.Tensor:
         """Per-token probe losses ``(..., P)`` in probe-token order."""
         forward = forward or self.losses
         parts = []
@@ -90,7 +95,8 @@ class GroupLosses:
             parts.append(losses.flatten(-2).index_select(-1, positions))
         return torch.cat(parts, dim=-1)
 
-    def observable_loss(self, forward=None) -> torch.Tensor:
+    def observable_loss(self, forward: Forward | None = None) -> torch.Tensor:
+        """Mean loss of the fixed observable set (float64)."""
         return self.mean(self.observable, forward)
 
 
