@@ -129,6 +129,22 @@ def _check_data_size(size: int, config: SGLDConfig) -> None:
             raise ValueError(f"sampling_data has {size} sequences, fewer than {what} = {count}")
 
 
+def _check_fits_model(model: nn.Module, batch: dict, what: str) -> None:
+    """Token ids within the vocabulary and sequences within the context of a HF model."""
+    config, ids = getattr(model, "config", None), batch.get("input_ids")
+    if config is None or not isinstance(ids, torch.Tensor) or ids.numel() == 0:
+        return
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        raise ValueError(f"{what} holds token ids in [{int(ids.min())}, {int(ids.max())}], "
+                         f"outside the model's vocabulary [0, {vocab - 1}]")
+    context = getattr(config, "n_positions", None) or getattr(
+        config, "max_position_embeddings", None)
+    if context is not None and ids.shape[-1] > context:
+        raise ValueError(f"{what} sequences have {ids.shape[-1]} tokens, more than the model's "
+                         f"context of {context}; truncate them (e.g. max_length={context})")
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
@@ -169,6 +185,10 @@ class _Run:
         m = config.observable_sequences
         self.observable_chunks = self._chunks(order[:m])
         self.anchor_chunks = self._chunks(order[m:2 * m])
+        for what, chunks in (("probe", self.probe_chunks),
+                             ("sampling_data", self.observable_chunks)):
+            for chunk in chunks:
+                _check_fits_model(model, chunk, what)
         self.failed: dict[str, str] = {}
         self.fixed_anchors: dict[str, float] = {}
 

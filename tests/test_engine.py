@@ -389,3 +389,17 @@ def test_progress_bar_only_when_asked(gpt2, probe, sampling_ids, config, capsys)
     assert "SGLD" in capsys.readouterr().err
     _estimate(gpt2, probe, sampling_ids, config.replace(progress=None))  # stderr not a tty
     assert "SGLD" not in capsys.readouterr().err
+
+
+def test_inputs_that_do_not_fit_the_model_are_named(gpt2, sampling_ids, config):
+    too_long = ProbeSet.from_tensors(torch.zeros(2, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="probe sequences have 40 tokens, more than the "
+                                         "model's context of 16"):
+        _estimate(gpt2, too_long, sampling_ids, config)
+    out_of_vocab = ProbeSet.from_tensors(torch.full((2, 8), 64, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids in \[64, 64\], outside the model's "
+                                         r"vocabulary \[0, 63\]"):
+        _estimate(gpt2, out_of_vocab, sampling_ids, config)
+    probe = ProbeSet.from_tensors(torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="sampling_data holds token ids"):
+        _estimate(gpt2, probe, sampling_ids + 64, config)
