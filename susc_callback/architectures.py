@@ -31,8 +31,8 @@ from torch import nn
 
 from susc_callback.components import Component, canonical_parameter_names
 
-HeadSlices = Callable[[nn.Module, int], list[dict[str, tuple[int, slice | list[int]]]]]
-"""(attention module, head index) -> {relative parameter name: (dim, indices)}."""
+HeadSlices = dict[str, tuple[int, list[slice]]]
+"""{parameter name relative to the attention module: (dimension, slices along it)}."""
 
 PRESETS = ("heads", "attention", "mlp", "layers", "embedding", "unembedding")
 
@@ -47,9 +47,10 @@ class Architecture:
     embedding: tuple[str, ...]
     unembedding: tuple[str, ...]
     num_heads: Callable[[nn.Module], int]
-    head_slices: Callable[[nn.Module, int, int], dict[str, tuple[int, slice]]]
-    """(attention module, num heads, head) -> {relative parameter name: (dim, slice)}."""
-    kv_group: Callable[[nn.Module, int, int], int] | None = None
+    head_slices: Callable[[nn.Module, int, int], HeadSlices]
+    """(attention module, num heads, head) -> {relative parameter name: (dim, slices)}."""
+    grouped_kv: bool = False
+    """Separate K/V projections that grouped-query attention may share between heads."""
 
 
 def _head_dim(attention: nn.Module) -> int:
@@ -59,7 +60,7 @@ def _head_dim(attention: nn.Module) -> int:
     raise ValueError(f"Cannot find the head size on {type(attention).__name__}")
 
 
-def _gpt2_heads(attention: nn.Module, num_heads: int, head: int) -> dict[str, tuple[int, slice]]:
+def _gpt2_heads(attention: nn.Module, num_heads: int, head: int) -> HeadSlices:
     hd = _head_dim(attention)
     width = num_heads * hd
     own = slice(head * hd, (head + 1) * hd)
@@ -67,7 +68,7 @@ def _gpt2_heads(attention: nn.Module, num_heads: int, head: int) -> dict[str, tu
     return {"c_attn.weight": (1, qkv), "c_attn.bias": (0, qkv), "c_proj.weight": (0, [own])}
 
 
-def _neox_heads(attention: nn.Module, num_heads: int, head: int) -> dict[str, tuple[int, slice]]:
+def _neox_heads(attention: nn.Module, num_heads: int, head: int) -> HeadSlices:
     hd = _head_dim(attention)
     fused = [slice(head * 3 * hd, (head + 1) * 3 * hd)]
     own = [slice(head * hd, (head + 1) * hd)]
@@ -75,7 +76,7 @@ def _neox_heads(attention: nn.Module, num_heads: int, head: int) -> dict[str, tu
             "dense.weight": (1, own)}
 
 
-def _llama_heads(attention: nn.Module, num_heads: int, head: int) -> dict[str, tuple[int, slice]]:
+def _llama_heads(attention: nn.Module, num_heads: int, head: int) -> HeadSlices:
     hd = _head_dim(attention)
     own = [slice(head * hd, (head + 1) * hd)]
     group = _llama_kv_group(attention, num_heads, head)
@@ -104,7 +105,7 @@ _LLAMA_LIKE = Architecture(
     blocks="model.layers", attention="self_attn", mlp="mlp",
     embedding=("model.embed_tokens",), unembedding=("model.norm", "lm_head"),
     num_heads=_config_heads("num_attention_heads"), head_slices=_llama_heads,
-    kv_group=_llama_kv_group)
+    grouped_kv=True)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture(
@@ -154,7 +155,7 @@ def head_components(model: nn.Module, *, include_shared_kv: bool = True) -> list
     for layer, block in enumerate(_module(model, arch.blocks)):
         attention = _module(block, arch.attention)
         prefix = f"{arch.blocks}.{layer}.{arch.attention}."
-        grouped = arch.kv_group is not None and _is_grouped(attention, num_heads)
+        grouped = arch.grouped_kv and _is_grouped(attention, num_heads)
         for head in range(num_heads):
             masks = {}
             for rel_name, (dim, slices) in arch.head_slices(attention, num_heads, head).items():

@@ -71,9 +71,20 @@ def causal_lm_token_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]
     Position ``t`` predicts token ``t+1``; it is valid when both tokens are real (attention
     mask 1) and, if the batch has ``labels``, when ``labels[:, t+1] != -100``.
     """
-    input_ids = batch["input_ids"]
+    input_ids = batch.get("input_ids")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or \
+            input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError("The default causal-LM loss needs batch['input_ids'] as an integer "
+                         f"tensor (batch, positions), got {type(input_ids).__name__}; for a "
+                         "Hugging Face dataset use dataset.with_format('torch') or pass a "
+                         "collate_fn")
+    input_ids = input_ids.long()
     attention_mask = batch.get("attention_mask")
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    position_ids = None
+    if attention_mask is not None:  # positions count real tokens, so left padding is right
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids, use_cache=False).logits
     # Cross-entropy over the flat, contiguous (B*T, V) logits (the fast kernel; a transposed
     # (B, V, T) input is several times slower). The last position has no target: ignored.
     targets = input_ids[:, 1:]
@@ -103,6 +114,9 @@ def token_losses(loss_fn: LossFn | None, model: nn.Module, batch: dict
         valid = None if valid is None else valid[:, None]
     if valid is None:
         valid = torch.ones_like(losses, dtype=torch.bool)
+    if valid.shape != losses.shape:
+        raise ValueError(f"loss_fn returned a validity mask of shape {tuple(valid.shape)} for "
+                         f"losses of shape {tuple(losses.shape)}; they must match")
     return losses.float(), valid.bool()
 
 

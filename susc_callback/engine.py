@@ -99,7 +99,8 @@ def estimate_susceptibilities(
         sampling_data, collate_fn)
     _check_data_size(len(data), config)
     device = torch.device(config.device) if config.device else _model_device(model)
-    with preserved_rng_state(device):
+    # Gradients are needed even when the caller is inside no_grad() or inference_mode().
+    with preserved_rng_state(device), torch.inference_mode(False), torch.enable_grad():
         snapshot = _float32_snapshot(model, device)
         run = _Run(snapshot, resolved, data, probe, config, loss_fn, device)
         return run.execute(step)
@@ -259,14 +260,15 @@ class _Run:
         cfg = self.config
         minibatch_observable = cfg.observable == "minibatch"
         with torch.no_grad():
-            group = self._group_losses(depth, self.observable_chunks)
+            group = self._group_losses(depth, [] if minibatch_observable
+                                       else self.observable_chunks)
             if anchor is None and not minibatch_observable:
                 anchor = group.observable_loss()
         if anchor is not None:  # one L(w*) for every draw of the group
             self.fixed_anchors.update({c.name: float(anchor) for c in members})
         for chain_index in range(cfg.num_chains):
             chains = [RestrictedChain(c, self.params, make_generator(
-                self.device, chain_seed(cfg.seed, c.name, chain_index)))
+                self.device, chain_seed(cfg.seed, "noise", c.name, chain_index)))
                 for c in members if c.name not in self.failed]
             batches = _EpochSampler(len(self.data), cfg.batch_size,
                                     chain_seed(cfg.seed, "batches", chain_index))
@@ -309,16 +311,29 @@ class _Run:
             except torch.OutOfMemoryError:
                 if len(part) == 1:
                     raise
-                self.batch_limit = len(part) // 2
-                warnings.warn(f"Out of memory with {len(part)} chains in one batch; "
-                              f"continuing with {self.batch_limit}", RuntimeWarning,
-                              stacklevel=2)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                self._shrink_batches(len(part))
                 continue
+            except RuntimeError as error:  # e.g. a loss_fn that torch.func.vmap cannot batch
+                if self.config.batch_chains == "on":
+                    raise RuntimeError(f"Batched chain evaluation failed ({error}); the model "
+                                       "or loss_fn may not support torch.func.vmap: use "
+                                       "SGLDConfig(batch_chains='off')") from error
+                warnings.warn(f"Batched chain evaluation failed ({error}); evaluating one "
+                              "chain at a time instead", RuntimeWarning, stacklevel=2)
+                self.batched = False
+                outputs = evaluate_sequential(restricted[start:], group, batch, hidden, draw,
+                                              minibatch_observable)
+                return pairs + list(zip(restricted[start:], outputs))
             pairs += zip(part, outputs)
             start += len(part)
         return pairs
+
+    def _shrink_batches(self, failed_size: int) -> None:
+        self.batch_limit = failed_size // 2
+        warnings.warn(f"Out of memory with {failed_size} chains in one batch; continuing "
+                      f"with {self.batch_limit}", RuntimeWarning, stacklevel=3)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _advance(self, chain: RestrictedChain, output: ChainStep, chain_index: int,
                  step_index: int, draw: int | None, anchor: torch.Tensor,
@@ -327,11 +342,12 @@ class _Run:
         cfg = self.config
         problem = None
         if draw is not None:
-            problem = _nonfinite(output.observable, output.tokens)
+            problem = _nonfinite(observable_loss=output.observable,
+                                 probe_token_losses=output.tokens)
             if problem is None:
                 sums.add(chain_index, draw, output.observable, anchor, output.tokens)
         chain.step(output.grads, step_size=cfg.step_size, n_beta=cfg.n_beta, gamma=cfg.gamma)
-        problem = problem or _nonfinite(output.loss) or (
+        problem = problem or _nonfinite(minibatch_loss=output.loss) or (
             None if chain.is_finite() else "non-finite weights")
         if problem is None:
             return True
@@ -391,10 +407,11 @@ def _draw_index(step_index: int, config: SGLDConfig) -> int | None:
     return offset // config.steps_between_draws
 
 
-def _nonfinite(*values: torch.Tensor) -> str | None:
-    for value in values:
+def _nonfinite(**values: torch.Tensor) -> str | None:
+    """Names the first non-finite value, e.g. "non-finite probe token losses"."""
+    for what, value in values.items():
         if not bool(torch.isfinite(value).all()):
-            return "non-finite loss"
+            return f"non-finite {what.replace('_', ' ')}"
     return None
 
 

@@ -49,7 +49,7 @@ class DrawSums:
         self.anchor += anchor_loss.double()
 
     def mean_phi(self) -> float:
-        return float(self.phi / self.count)
+        return float(self.phi / self.count) if self.count else float("nan")
 
     def mean_anchor(self) -> float:
         """Mean over draws of L(w*) (it varies per draw with a minibatch observable)."""

@@ -110,7 +110,11 @@ def evaluate_sequential(chains: list[RestrictedChain], group: GroupLosses, batch
         try:
             with group.prefix.replay(group.depth, hidden):
                 loss = mean_loss(*group.losses(batch))
-            grads = list(torch.autograd.grad(loss, chain.params))
+            if loss.requires_grad:  # unused parameters get zero gradients
+                grads = list(torch.autograd.grad(loss, chain.params, allow_unused=True,
+                                                 materialize_grads=True))
+            else:  # the loss does not depend on this component at all
+                grads = [torch.zeros_like(param) for param in chain.params]
             step = ChainStep(loss.detach(), grads)
             if draw:
                 with torch.no_grad():

@@ -66,9 +66,8 @@ class PrefixReplay:
         finally:
             for handle in handles:
                 handle.remove()
-        never_used = len(self.blocks)
-        return {name: first_use.get(name, never_used) for names in owners.values()
-                for name in names}
+        # A parameter whose module never ran may still be used functionally: replay nothing.
+        return {name: first_use.get(name, 0) for names in owners.values() for name in names}
 
     def capture(self, num_blocks: int, run_forward: Callable[[], object]) -> torch.Tensor | None:
         """Output of block ``num_blocks - 1`` when ``run_forward()`` runs (no grad)."""

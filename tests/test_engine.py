@@ -52,7 +52,7 @@ def _reference_draws(model, masks, data, probe, cfg, name):
         work = copy.deepcopy(model).float().eval()
         params = dict(work.named_parameters())
         start = {k: v.detach().clone() for k, v in params.items()}
-        noise = make_generator(torch.device("cpu"), chain_seed(cfg.seed, name, chain))
+        noise = make_generator(torch.device("cpu"), chain_seed(cfg.seed, "noise", name, chain))
         batches = make_generator(torch.device("cpu"), chain_seed(cfg.seed, "batches", chain))
         perm = torch.empty(0, dtype=torch.long)
         for _ in range(cfg.num_steps):
@@ -403,3 +403,72 @@ def test_inputs_that_do_not_fit_the_model_are_named(gpt2, sampling_ids, config):
     probe = ProbeSet.from_tensors(torch.zeros(2, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="sampling_data holds token ids"):
         _estimate(gpt2, probe, sampling_ids + 64, config)
+
+
+def test_runs_inside_no_grad_and_inference_mode(gpt2, probe, sampling_ids, config):
+    reference = _estimate(gpt2, probe, sampling_ids, config)
+    with torch.no_grad():
+        quiet = _estimate(gpt2, probe, sampling_ids, config)
+    with torch.inference_mode():
+        inference = _estimate(gpt2, probe, sampling_ids, config)
+    assert np.array_equal(quiet.chi, reference.chi)
+    assert np.array_equal(inference.chi, reference.chi)
+
+
+def test_parameters_the_loss_never_uses(config):
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(2, 1), "unused": torch.nn.Linear(2, 1)})
+    x, y = torch.randn(20, 2), torch.randn(20)
+    probe = ProbeSet.from_batch({"x": x[:4], "y": y[:4]})
+
+    def loss_fn(m, batch):
+        return (m["used"](batch["x"]).squeeze(-1) - batch["y"]) ** 2
+
+    result = estimate_susceptibilities(model, {"w": {"used.weight": None},
+                                               "idle": {"unused.weight": None}},
+                                       {"x": x, "y": y}, probe, config, loss_fn=loss_fn)
+    assert np.isfinite(result.chi).all()
+    assert np.allclose(result.mean_phi[1], 0.0, atol=1e-4)  # moves, but only as noise
+
+
+def test_left_and_right_padding_give_the_same_token_losses(gpt2):
+    from susc_callback.data import causal_lm_token_losses
+
+    ids = torch.tensor([[5, 9, 2, 7, 0, 0], [0, 0, 5, 9, 2, 7]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        losses, valid = causal_lm_token_losses(gpt2, {"input_ids": ids,
+                                                      "attention_mask": mask})
+    torch.testing.assert_close(losses[0][valid[0]], losses[1][valid[1]], rtol=1e-5, atol=1e-6)
+
+
+def test_int32_token_ids_and_bad_batches(gpt2, probe, sampling_ids, config):
+    result = _estimate(gpt2, probe, sampling_ids.int(), config, components="layers")
+    assert np.isfinite(result.chi).all()
+    examples = [{"input_ids": row.tolist()} for row in sampling_ids]
+    with pytest.raises(ValueError, match="with_format\\('torch'\\)"):
+        _estimate(gpt2, probe, examples, config, collate_fn=lambda rows: {
+            "input_ids": [r["input_ids"] for r in rows]})
+
+
+def test_loss_fn_mask_of_the_wrong_shape(gpt2, probe, sampling_ids, config):
+    def loss_fn(m, batch):
+        losses = torch.ones(batch["input_ids"].shape, requires_grad=True)
+        return losses, torch.ones(len(losses), dtype=torch.bool)
+
+    pattern = r"validity mask of shape \(3,\) for losses of shape \(3, 16\)"
+    with pytest.raises(ValueError, match=pattern):
+        _estimate(gpt2, probe, sampling_ids, config, loss_fn=loss_fn)
+
+
+def test_batching_a_loss_fn_vmap_cannot_handle_is_explained(gpt2, probe, sampling_ids,
+                                                            config):
+    def loss_fn(m, batch):
+        ids = batch["input_ids"]
+        logits = m(input_ids=ids).logits
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                 reduction="none")
+        return losses[losses > 0][:4]  # data-dependent shape
+
+    with pytest.raises(RuntimeError, match="batch_chains='off'"):
+        _estimate(gpt2, probe, sampling_ids, config.replace(batch_chains="on"),
+                  loss_fn=loss_fn)
