@@ -52,6 +52,10 @@ class SamplingData:
     def __len__(self) -> int:
         return self._length
 
+    def column(self, key: str) -> torch.Tensor | None:
+        """The whole tensor ``key`` when the data was given as tensors, else None."""
+        return None if self._columns is None else self._columns.get(key)
+
     def batch(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """The examples at ``indices`` collated into a dict of tensors on ``device``."""
         if self._columns is not None:

@@ -186,8 +186,10 @@ class _Run:
         m = config.observable_sequences
         self.observable_chunks = self._chunks(order[:m])
         self.anchor_chunks = self._chunks(order[m:2 * m])
-        for what, chunks in (("probe", self.probe_chunks),
-                             ("sampling_data", self.observable_chunks)):
+        all_ids = data.column("input_ids")
+        sampling_checks = [{"input_ids": all_ids}] if all_ids is not None else \
+            self.observable_chunks + self.anchor_chunks
+        for what, chunks in (("probe", self.probe_chunks), ("sampling_data", sampling_checks)):
             for chunk in chunks:
                 _check_fits_model(model, chunk, what)
         self.failed: dict[str, str] = {}
