@@ -1,8 +1,8 @@
 """Side-by-side benchmark of the susceptibility engine.
 
-Measures, in one run on one machine, for each workload (a briefly trained GPT-2-style model,
-every attention head plus the full chain, identical SGLD hyperparameters, sampling data and
-probe data for every tool):
+Measures, in one run on one machine, for each workload (a GPT-2-style model briefly trained
+to copy repeated spans, every attention head plus the full chain, identical SGLD
+hyperparameters, sampling data and probe data for every tool):
 
 1. ``susc_callback.estimate_susceptibilities`` (the engine): wall time and peak memory;
 2. a plain sequential reference loop written here (one chain at a time, a float32 model
@@ -12,18 +12,23 @@ probe data for every tool):
 4. the engine's peak memory at 50 and 200 draws (it must not grow with the draws).
 
 It also prints the correlation of the engine's per-token susceptibilities with the plain
-loop's and with devinterp's (both anchorings), and a final PASS/FAIL table against the
-targets.
+loop's (two independent estimates of the same quantity) and with devinterp's, under both
+anchorings of phi (the engine's exact anchor and its devinterp-like "separate-batches"
+anchor; devinterp's own draws are also re-anchored exactly to isolate the anchor's effect),
+and a final PASS/FAIL table against the targets.
 
-Every measured job runs in a fresh child process (``--job``); peak memory is the child's
-peak RSS minus that of a baseline child which only imports the same libraries and builds
-the model and data (on CUDA: ``torch.cuda.max_memory_allocated`` during the call). Wall time
-is ``time.perf_counter`` around the call only.
+Every measured job runs in a fresh child process (``--job``). Wall time is
+``time.perf_counter`` around the call only. Peak memory is the child's peak RSS minus that
+of a baseline child which imports the same libraries and builds the same model and data
+(on CUDA: ``torch.cuda.max_memory_allocated`` during the call). On CPU, RSS with glibc's
+default allocator is dominated by heap retention, so a second "live" figure is measured in
+short extra children with a fixed mmap threshold (see ``LIVE_MMAP_THRESHOLD``).
 
 Usage::
 
     python benchmarks/bench_engine.py                        # tiny + medium, all tools
     python benchmarks/bench_engine.py --workloads tiny --skip-devinterp
+    python benchmarks/bench_engine.py --threads 1            # robust on a busy machine
     python benchmarks/bench_engine.py --device cuda --workloads tiny,medium,paper-scale
     python benchmarks/bench_engine.py --profile medium       # cProfile of engine and loop
 """
@@ -42,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,6 +109,16 @@ DEVINTERP_INIT_SEED = 100
 DEVINTERP_INIT_LOSS_BATCHES = 32
 
 MEMORY_RATIO_LIMIT = 1.2  # peak at 200 draws / peak at 50 draws
+
+# Peak RSS with glibc's default allocator mostly measures heap retention: freed blocks of
+# a few hundred KiB stay in the heap (the mmap threshold adapts upwards), so a tool that
+# frees and reallocates often looks 2x bigger than its live data (medium: the engine 230 vs
+# 55 MiB). "Live" memory runs extra children with a fixed 64 KiB mmap threshold (every
+# larger block is returned to the OS when freed), so their peak RSS tracks live data; they
+# are 2-6x slower, hence run with 1 chain and LIVE_DRAWS draws (peak memory does not depend
+# on either: every code path runs at every draw).
+LIVE_MMAP_THRESHOLD = 65536
+LIVE_DRAWS = 3
 
 TARGETS = {
     # (workload, metric): (comparison, threshold)
@@ -281,15 +296,13 @@ def chi_correlation(a: np.ndarray, b: np.ndarray, names: list[str]) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_engine(model, w: Workload, sampling, probe, labels, *, anchor="exact",
-               num_draws=None, num_chains=None):
+def run_engine(model, w: Workload, sampling, probe, labels, *, anchor="exact"):
     from susc_callback import ProbeSet, SGLDConfig, estimate_susceptibilities
 
     m = observable_sequences(w)
     data, _ = engine_sampling_order(sampling, m)
     config = SGLDConfig(step_size=STEP_SIZE, n_beta=N_BETA, gamma=GAMMA,
-                        num_chains=num_chains or w.num_chains,
-                        num_draws=num_draws or w.num_draws, num_burnin=NUM_BURNIN,
+                        num_chains=w.num_chains, num_draws=w.num_draws, num_burnin=NUM_BURNIN,
                         steps_between_draws=STEPS_BETWEEN_DRAWS, batch_size=w.batch_size,
                         observable="fixed", observable_sequences=m, anchor=anchor,
                         seed=SEED, progress=False)
@@ -539,6 +552,8 @@ def child_main(spec: dict) -> dict:
         import devinterp.slt.susceptibilities  # noqa: F401
     device = spec["device"]
     w, model, sampling, probe, labels = load_workload(spec["workload_file"], device)
+    w = replace(w, num_draws=spec.get("num_draws") or w.num_draws,
+                num_chains=spec.get("num_chains") or w.num_chains)
     # Warm-up (also part of the baseline): one forward + backward.
     warm = copy.deepcopy(model)
     token_losses(warm, sampling[:2].to(device)).mean().backward()
@@ -559,8 +574,7 @@ def child_main(spec: dict) -> dict:
         elapsed = 0.0
     elif job == "engine":
         start = time.perf_counter()
-        result = run_engine(model, w, sampling, probe, labels, anchor=spec["anchor"],
-                            num_draws=spec.get("num_draws"), num_chains=spec.get("num_chains"))
+        result = run_engine(model, w, sampling, probe, labels, anchor=spec["anchor"])
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -626,6 +640,8 @@ def spawn(spec: dict) -> dict:
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
+    if spec.get("live_memory"):
+        env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_MMAP_THRESHOLD)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT_JSON "):
@@ -681,9 +697,11 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-workload", default="tiny",
                         help="workload of the 50 vs 200 draws memory check (default tiny, to "
                              "keep the default run short: on 2 CPU cores medium at 200 draws "
-                             "alone takes ~13 min; the first workload run if not among them)")
-    parser.add_argument("--memory-chains", type=int, default=0,
-                        help="chains of the memory check runs (0 = the workload's)")
+                             "alone takes several minutes; the first workload run if not "
+                             "among them)")
+    parser.add_argument("--memory-chains", type=int, default=1,
+                        help="chains of the memory check runs (0 = the workload's; on CPU they "
+                             "run with the live-memory allocator setting, 2-6x slower)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads for every tool (default 0 = torch's "
                              "default, all cores). On a machine where other processes compete "
@@ -737,8 +755,9 @@ def main(argv=None) -> int:
               "(--threads 1 is more robust)")
     print(f"# SGLD: step_size={STEP_SIZE}, n_beta={N_BETA}, gamma={GAMMA}, burn-in={NUM_BURNIN},"
           f" steps between draws={STEPS_BETWEEN_DRAWS}; all heads + full chain")
-    rows = []  # final table rows
-    checks = []  # (workload, metric, value, op, threshold)
+    rows: dict[tuple[str, str], dict] = {}  # (workload, tool) -> time, rss, live
+    checks = []  # (workload, metric, value)
+    live = device == "cpu"
     bench_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
         tmp = Path(tmp)
@@ -761,10 +780,9 @@ def main(argv=None) -> int:
                   f"(log vocab {math.log(w.vocab):.3f})")
 
             def job(kind, tag, w=w, path=path, **extra):
-                spec = {"job": kind, "tag": f"{w.name}_{tag}", "workload_file": str(path),
-                        "device": device, "out_dir": str(tmp), "threads": args.threads,
-                        "with_devinterp": with_devinterp, **extra}
-                return spawn(spec)
+                return spawn({"job": kind, "tag": f"{w.name}_{tag}", "workload_file": str(path),
+                              "device": device, "out_dir": str(tmp), "threads": args.threads,
+                              "with_devinterp": with_devinterp, **extra})
 
             base = job("baseline", "baseline")
             print(f"   baseline child: RSS {mib(base['rss_before']).strip()} after imports, model, "
@@ -772,8 +790,8 @@ def main(argv=None) -> int:
             engine = job("engine", "engine_exact", anchor="exact")
             names_e = engine["names"]
             chi_e = np.load(tmp / f"chi_{w.name}_engine_exact.npy")
-            t_e, mem_e = engine["time_s"], memory_increase(engine, base)
-            rows.append((w.name, "engine", t_e, mem_e))
+            t_e = engine["time_s"]
+            rows[(w.name, "engine")] = {"time": t_e, "rss": memory_increase(engine, base)}
             print(f"   engine (exact anchor):    {t_e:8.2f} s  {mem_text(engine, base)}")
             gap = abs(engine["anchor_loss"] - engine["expected_exact_anchor"])
             print(f"   engine L(w*) {engine['anchor_loss']:.5f} vs L(w*) of devinterp's "
@@ -783,14 +801,15 @@ def main(argv=None) -> int:
             if not args.skip_plain:
                 plain = job("plain", "plain")
                 chi_p = np.load(tmp / f"chi_{w.name}_plain.npy")
-                t_p, mem_p = plain["time_s"], memory_increase(plain, base)
-                rows.append((w.name, "plain loop", t_p, mem_p))
+                t_p = plain["time_s"]
+                rows[(w.name, "plain loop")] = {"time": t_p, "rss": memory_increase(plain, base)}
                 print(f"   plain loop:               {t_p:8.2f} s  {mem_text(plain, base)}")
                 ratio = t_e / t_p
                 print(f"   engine/plain time = {ratio:.3f} (target <= 0.75 on medium)")
                 checks.append((w.name, "engine/plain time", ratio))
-                c = chi_correlation(chi_e, chi_p, names_e)
-                print("   corr(engine exact, plain loop): " + _fmt_corr(c))
+                print("   corr(engine exact, plain loop): "
+                      + _fmt_corr(chi_correlation(chi_e, chi_p, names_e))
+                      + "  [two independent estimates of the same quantity]")
                 rllc_e = N_BETA * np.array(engine["mean_phi"])
                 rllc_p = N_BETA * np.array(plain["mean_phi"])
                 print(f"   rLLC per head, engine: {np.array2string(rllc_e, precision=2)}")
@@ -799,8 +818,9 @@ def main(argv=None) -> int:
             if with_devinterp:
                 dev = job("devinterp", "devinterp")
                 chi_d = np.load(tmp / f"chi_{w.name}_devinterp.npy")
-                t_d, mem_d = dev["time_s"], memory_increase(dev, base)
-                rows.append((w.name, "devinterp 2.0.1", t_d, mem_d))
+                t_d = dev["time_s"]
+                rows[(w.name, "devinterp 2.0.1")] = {"time": t_d,
+                                                     "rss": memory_increase(dev, base)}
                 print(f"   devinterp:                {t_d:8.2f} s  {mem_text(dev, base)}")
                 ratio = t_d / t_e
                 print(f"   devinterp/engine time = {ratio:.2f}")
@@ -825,45 +845,63 @@ def main(argv=None) -> int:
                 print("   corr(engine exact, engine separate-batches):    "
                       + _fmt_corr(chi_correlation(chi_e, chi_s, names_e)))
 
+            if live:
+                tools = [("engine", "engine", {"anchor": "exact"})]
+                if not args.skip_plain:
+                    tools.append(("plain loop", "plain", {}))
+                if with_devinterp:
+                    tools.append(("devinterp 2.0.1", "devinterp", {}))
+                small = {"live_memory": True, "num_draws": LIVE_DRAWS, "num_chains": 1}
+                base_live = job("baseline", "live_baseline", **small)
+                parts = []
+                for tool, kind, extra in tools:
+                    r = job(kind, f"live_{kind}", **small, **extra)
+                    rows[(w.name, tool)]["live"] = memory_increase(r, base_live)
+                    parts.append(f"{tool} +{mib(rows[(w.name, tool)]['live']).strip()}")
+                print(f"   live peak memory (glibc mmap threshold "
+                      f"{LIVE_MMAP_THRESHOLD // 1024} KiB, 1 chain x {LIVE_DRAWS} draws): "
+                      + ", ".join(parts))
+
         if not args.skip_memory_scaling and files:
             mem_name = args.memory_workload if args.memory_workload in files else \
                 next(iter(files))
-            path = files[mem_name]
-            chains = args.memory_chains or WORKLOADS[mem_name].num_chains
-            print(f"\n== memory vs draws: engine on {mem_name}, {chains} chain(s), all heads")
-            base = spawn({"job": "baseline", "tag": f"{mem_name}_mbase", "workload_file": str(path),
-                          "device": device, "out_dir": str(tmp), "threads": args.threads,
-                          "with_devinterp": with_devinterp})
+            wm = WORKLOADS[mem_name]
+            chains = args.memory_chains or wm.num_chains
+            common = {"workload_file": str(files[mem_name]), "device": device,
+                      "out_dir": str(tmp), "threads": args.threads,
+                      "with_devinterp": with_devinterp, "live_memory": live,
+                      "num_chains": chains}
+            print(f"\n== memory vs draws: engine on {mem_name}, {chains} chain(s), all heads"
+                  + (f", glibc mmap threshold {LIVE_MMAP_THRESHOLD // 1024} KiB" if live else ""))
+            base = spawn({"job": "baseline", "tag": f"{mem_name}_mbase", **common})
             peaks = {}
             for draws in (50, 200):
-                r = spawn({"job": "engine", "tag": f"{mem_name}_mem{draws}",
-                           "workload_file": str(path), "device": device, "out_dir": str(tmp),
-                           "threads": args.threads, "with_devinterp": with_devinterp,
-                           "anchor": "exact", "num_draws": draws,
-                           "num_chains": args.memory_chains or None})
+                r = spawn({"job": "engine", "tag": f"{mem_name}_mem{draws}", "anchor": "exact",
+                           "num_draws": draws, **common})
                 peaks[draws] = memory_increase(r, base)
                 print(f"   {draws:4d} draws: {r['time_s']:7.2f} s  {mem_text(r, base)}")
             ratio = peaks[200] / peaks[50] if peaks[50] > 0 else float("nan")
-            wm = WORKLOADS[mem_name]
-            names_mem, tokens_mem = [*r["names"], "full"], wm.probe_sequences * (wm.context - 1)
+            per_draw = (len(r["names"]) + 1) * wm.probe_sequences * (wm.context - 1) * 8
             print(f"   peak(200 draws) / peak(50 draws) = {ratio:.3f}, difference "
-                  f"{(peaks[200] - peaks[50]) / 2**20:+.1f} MiB (must not grow with the draws: "
-                  f"<= {MEMORY_RATIO_LIMIT}; RSS peaks jitter by ~2 MiB run to run, while "
-                  "keeping every draw's token losses would add "
-                  f"{150 * chains * (len(names_mem)) * tokens_mem * 8 / 2**20:.1f} MiB)")
+                  f"{(peaks[200] - peaks[50]) / 2**20:+.1f} MiB (must not grow with the draws; "
+                  f"keeping every draw's token losses would add "
+                  f"{150 * chains * per_draw / 2**20:.1f} MiB)")
             checks.append((mem_name, "mem 200/50 draws", ratio))
 
-    print(f"\n== summary (total benchmark time {time.perf_counter() - bench_start:.0f} s)")
-    print(f"{'workload':<12} {'tool':<18} {'wall time':>10} {'peak memory':>14}")
-    for wname, tool, t, mem in rows:
-        print(f"{wname:<12} {tool:<18} {t:9.2f}s {mib(mem):>14}")
+    print(f"\n== summary (total benchmark time {time.perf_counter() - bench_start:.0f} s; "
+          "peak memory = increase over a baseline child; RSS on CPU, allocator peak on CUDA)")
+    print(f"{'workload':<12} {'tool':<16} {'wall time':>10} {'peak (RSS)':>12} "
+          f"{'peak (live)':>12}")
+    for (wname, tool), row in rows.items():
+        live_text = mib(row["live"]) if "live" in row else "-"
+        print(f"{wname:<12} {tool:<16} {row['time']:9.2f}s {mib(row['rss']):>12} "
+              f"{live_text:>12}")
     print(f"\n{'workload':<12} {'ratio':<24} {'value':>8}  {'target':<9} result")
-    targets = dict(TARGETS)
     for wname, metric, value in checks:
         if metric == "mem 200/50 draws":
             op, threshold = "<=", MEMORY_RATIO_LIMIT
-        elif (wname, metric) in targets:
-            op, threshold = targets[(wname, metric)]
+        elif (wname, metric) in TARGETS:
+            op, threshold = TARGETS[(wname, metric)]
         else:
             print(f"{wname:<12} {metric:<24} {value:8.3f}  {'-':<9} (no target)")
             continue
@@ -889,7 +927,6 @@ def profile_main(workload: str, device: str, threads: int, draws: int, chains: i
     by default: the time per step is what matters)."""
     import cProfile
     import pstats
-    from dataclasses import replace
 
     import torch
 
@@ -903,8 +940,9 @@ def profile_main(workload: str, device: str, threads: int, draws: int, chains: i
     print(f"# profile: {workload} with {w.num_chains} chain(s) x {w.num_draws} draws, "
           f"threads={torch.get_num_threads()}")
     # Warm-up outside the profile: imports, first-call initialisation.
-    run_engine(model, w, sampling, probe, labels, num_draws=1, num_chains=1)
-    run_plain_loop(model, replace(w, num_draws=1, num_chains=1), sampling, probe)
+    warm = replace(w, num_draws=1, num_chains=1)
+    run_engine(model, warm, sampling, probe, labels)
+    run_plain_loop(model, warm, sampling, probe)
     for title, fn in (("engine", lambda: run_engine(model, w, sampling, probe, labels)),
                       ("plain loop", lambda: run_plain_loop(model, w, sampling, probe))):
         profiler = cProfile.Profile()
