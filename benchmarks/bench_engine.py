@@ -426,7 +426,8 @@ def run_devinterp(model, w: Workload, sampling, probe, out_dir: Path, device: st
     a draw *after* the SGLD step, the engine *before* it (a one-step shift of each chain).
     (3) Different RNG streams (noise and minibatch order), so agreement is statistical.
     (4) devinterp samples in train mode (dropout is 0 here, so no effect) and stores every
-    draw's losses in zarr.
+    draw's losses in zarr. ``devinterp_recompute`` re-derives devinterp's estimate from those
+    stored draws with the exact anchor, which removes difference (1).
     """
     from datasets import Dataset
     from devinterp.slt.susceptibilities import susceptibilities
@@ -472,11 +473,11 @@ def devinterp_chi(tree, probe, names: list[str]) -> np.ndarray:
 
 
 def devinterp_recompute(work: Path, names: list[str], probe, anchors: dict[str, float]
-                        ) -> dict[str, np.ndarray]:
+                        ) -> tuple[dict[str, np.ndarray], float]:
     """devinterp's estimator recomputed from the per-draw losses its ``sample()`` stored
     (one zarr per weight restriction), with phi anchored at each of ``anchors`` (name ->
     L(w*)); "init_loss" is added (devinterp's own anchor, which must reproduce its output).
-    Returns name -> chi (components, probe tokens) in the engine's token order."""
+    Returns (name -> chi (components, probe tokens) in the engine's token order, init_loss)."""
     import xarray as xr
 
     def load(wr):
