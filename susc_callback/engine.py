@@ -37,9 +37,15 @@ from susc_callback.components import (
     resolve_components,
 )
 from susc_callback.config import SGLDConfig
-from susc_callback.data import LossFn, SamplingData, token_losses
+from susc_callback.data import LossFn, SamplingData
 from susc_callback.estimator import DrawSums, susceptibilities
-from susc_callback.group import ChainStep, GroupLosses, evaluate_batched, evaluate_sequential
+from susc_callback.group import (
+    ChainStep,
+    GroupLosses,
+    TokenLosses,
+    evaluate_batched,
+    evaluate_sequential,
+)
 from susc_callback.prefix import PrefixReplay
 from susc_callback.probes import ProbeSet
 from susc_callback.results import SusceptibilityResult
@@ -167,7 +173,8 @@ class _Run:
                  data: SamplingData, probe: ProbeSet, config: SGLDConfig,
                  loss_fn: LossFn | None, device: torch.device) -> None:
         self.model, self.data, self.probe, self.config = model, data, probe, config
-        self.loss_fn, self.device = loss_fn, device
+        self.device = device
+        self.losses = TokenLosses(model, loss_fn)
         self.params = dict(model.named_parameters())
         path = block_list_path(model)
         self.prefix = PrefixReplay(model, model.get_submodule(path) if path else None)
@@ -200,18 +207,15 @@ class _Run:
         return [self.data.batch(indices[i:i + size], self.device)
                 for i in range(0, len(indices), size)]
 
-    def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_losses(self.loss_fn, self.model, batch)
-
     def _group_losses(self, depth: int, observable_chunks: list[dict]) -> GroupLosses:
-        return GroupLosses(self.model, self.loss_fn, self.prefix, depth, self.probe_chunks,
+        return GroupLosses(self.losses, self.prefix, depth, self.probe_chunks,
                            self.probe_valid, observable_chunks)
 
     # -- plan -------------------------------------------------------------------------------
 
     def _groups(self) -> dict[int, list[ResolvedComponent]]:
         """Components keyed by how many leading blocks they leave frozen."""
-        frozen = self.prefix.frozen_blocks(lambda: self._losses(self.probe_chunks[0]))
+        frozen = self.prefix.frozen_blocks(lambda: self.losses(self.probe_chunks[0]))
         aliases: dict[str, list[str]] = {}
         for alias, name in canonical_parameter_names(self.model).items():
             aliases.setdefault(name, []).append(alias)
@@ -228,7 +232,7 @@ class _Run:
         start = 0
         with torch.no_grad():
             for chunk in self.probe_chunks:
-                _, valid = self._losses(chunk)
+                _, valid = self.losses(chunk)
                 self.probe_valid.append(valid)
                 rows, cols = valid.nonzero(as_tuple=True)
                 sequences.append(rows.cpu() + start)

@@ -40,7 +40,7 @@ Forward = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
 """``batch -> (losses, valid)``: the snapshot's current weights, or substituted ones."""
 
 
-class _TokenLosses(nn.Module):
+class TokenLosses(nn.Module):
     """``batch -> (losses, valid)`` as a module, so ``functional_call`` can swap weights."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None) -> None:
@@ -59,10 +59,10 @@ class GroupLosses:
     are captured at construction, and each minibatch's by :meth:`capture`.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None, prefix: PrefixReplay,
-                 depth: int, probe_chunks: list[dict], probe_valid: list[torch.Tensor],
+    def __init__(self, losses: TokenLosses, prefix: PrefixReplay, depth: int,
+                 probe_chunks: list[dict], probe_valid: list[torch.Tensor],
                  observable_chunks: list[dict]) -> None:
-        self.losses = _TokenLosses(model, loss_fn)
+        self.losses = losses
         self.prefix, self.depth = prefix, depth
         self.probe = [(c, self.capture(c), v.reshape(-1).nonzero().squeeze(1))
                       for c, v in zip(probe_chunks, probe_valid)]
