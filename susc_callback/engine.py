@@ -98,18 +98,39 @@ def estimate_susceptibilities(
         negative entries mean the component expresses the token's pattern.
     """
     config = config or SGLDConfig()
-    if not isinstance(probe, ProbeSet):
-        raise TypeError(f"probe must be a ProbeSet, got {type(probe).__name__}")
-    resolved = resolve_components(model, components)
-    data = sampling_data if isinstance(sampling_data, SamplingData) else SamplingData(
-        sampling_data, collate_fn)
-    _check_data_size(len(data), config)
+    resolved, data = check_inputs(model, components, sampling_data, probe, config,
+                                  collate_fn=collate_fn)
     device = torch.device(config.device) if config.device else _model_device(model)
     # Gradients are needed even when the caller is inside no_grad() or inference_mode().
     with preserved_rng_state(device), torch.inference_mode(False), torch.enable_grad():
         snapshot = _float32_snapshot(model, device)
         run = _Run(snapshot, resolved, data, probe, config, loss_fn, device)
         return run.execute(step)
+
+
+def check_inputs(model: nn.Module, components: Any, sampling_data: Any, probe: ProbeSet,
+                 config: SGLDConfig, *, collate_fn: Callable | None = None
+                 ) -> tuple[list[ResolvedComponent], SamplingData]:
+    """Everything that can be checked without sampling; raises a clear ``ValueError`` or
+    ``TypeError``. Returns the resolved components and the sampling data."""
+    if not isinstance(probe, ProbeSet):
+        raise TypeError(f"probe must be a ProbeSet, got {type(probe).__name__}")
+    if not isinstance(config, SGLDConfig):
+        raise TypeError(f"config must be an SGLDConfig, got {type(config).__name__}")
+    resolved = resolve_components(model, components)
+    data = sampling_data if isinstance(sampling_data, SamplingData) else SamplingData(
+        sampling_data, collate_fn)
+    _check_data_size(len(data), config)
+    cpu = torch.device("cpu")
+    _check_fits_model(model, probe.batch(0, len(probe), cpu), "probe")
+    ids = data.column("input_ids")
+    sample = {"input_ids": ids} if ids is not None else data.batch(
+        torch.arange(config.batch_size), cpu)
+    if not isinstance(sample, dict):
+        raise TypeError(f"sampling_data batches must be dicts of tensors, got "
+                        f"{type(sample).__name__}; pass a collate_fn that returns one")
+    _check_fits_model(model, sample, "sampling_data")
+    return resolved, data
 
 
 @contextmanager
@@ -193,12 +214,9 @@ class _Run:
         m = config.observable_sequences
         self.observable_chunks = self._chunks(order[:m])
         self.anchor_chunks = self._chunks(order[m:2 * m])
-        all_ids = data.column("input_ids")
-        sampling_checks = [{"input_ids": all_ids}] if all_ids is not None else \
-            self.observable_chunks + self.anchor_chunks
-        for what, chunks in (("probe", self.probe_chunks), ("sampling_data", sampling_checks)):
-            for chunk in chunks:
-                _check_fits_model(model, chunk, what)
+        if data.column("input_ids") is None:  # tensor data was checked whole already
+            for chunk in self.observable_chunks + self.anchor_chunks:
+                _check_fits_model(model, chunk, "sampling_data")
         self.failed: dict[str, str] = {}
         self.fixed_anchors: dict[str, float] = {}
 
