@@ -1,5 +1,7 @@
 """Per-token susceptibilities of model components, estimated with weight-restricted SGLD."""
 
+from typing import TYPE_CHECKING
+
 from susc_callback.analysis import SusceptibilityPCA, align_loadings, standardize
 from susc_callback.architectures import head_components, layer_components
 from susc_callback.components import Component
@@ -7,12 +9,20 @@ from susc_callback.config import SGLDConfig
 from susc_callback.engine import ChainDivergedError, estimate_susceptibilities
 from susc_callback.probes import ProbeSet
 from susc_callback.results import SusceptibilityResult
+from susc_callback.schedule import Schedule
+from susc_callback.series import SnapshotSeries
+
+if TYPE_CHECKING:
+    from susc_callback.callback import SusceptibilityCallback
 
 __all__ = [
     "ChainDivergedError",
     "Component",
     "ProbeSet",
     "SGLDConfig",
+    "Schedule",
+    "SnapshotSeries",
+    "SusceptibilityCallback",
     "SusceptibilityPCA",
     "SusceptibilityResult",
     "align_loadings",
@@ -22,3 +32,11 @@ __all__ = [
     "standardize",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The callback imports transformers' Trainer (seconds); the engine API does not need it.
+    if name == "SusceptibilityCallback":
+        from susc_callback.callback import SusceptibilityCallback
+        return SusceptibilityCallback
+    raise AttributeError(f"module 'susc_callback' has no attribute {name!r}")

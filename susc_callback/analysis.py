@@ -74,11 +74,18 @@ class SusceptibilityPCA:
         return self
 
     def align_to(self, reference: SusceptibilityPCA) -> SusceptibilityPCA:
-        """Reorder and flip this fit's PCs to best match ``reference``'s loadings (in place)."""
-        if self.component_names_ != reference.component_names_:
-            raise ValueError("Cannot align PCs fitted on different components: "
+        """Reorder and flip this fit's PCs to best match ``reference``'s loadings (in place).
+
+        The match uses the components both fits share, so a component that failed in one
+        snapshot does not break the alignment of the others.
+        """
+        shared = [name for name in self.component_names_ if name in reference.component_names_]
+        if not shared:
+            raise ValueError("Cannot align PCs fitted on disjoint components: "
                              f"{self.component_names_} vs {reference.component_names_}")
-        order, signs = align_loadings(self.loadings_, reference.loadings_)
+        mine = [self.component_names_.index(name) for name in shared]
+        theirs = [reference.component_names_.index(name) for name in shared]
+        order, signs = align_loadings(self.loadings_[:, mine], reference.loadings_[:, theirs])
         self.loadings_ = self.loadings_[order] * signs[:, None]
         self.token_scores_ = self.token_scores_[:, order] * signs[None, :]
         self.dataset_scores_ = self.dataset_scores_[:, order] * signs[None, :]

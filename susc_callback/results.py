@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +102,30 @@ class SusceptibilityResult:
         arrays = load_file(str(path / "arrays.safetensors"))
         meta.pop("format_version")
         return cls(**meta, **arrays)
+
+
+_PER_COMPONENT = ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces")
+
+
+def merge_results(parts: list[SusceptibilityResult], order: list[str]) -> SusceptibilityResult:
+    """One result from estimates of disjoint component subsets on the same probe, config
+    and checkpoint (e.g. one per process), with rows in ``order``."""
+    if not parts:
+        raise ValueError("merge_results needs at least one result")
+    first = parts[0]
+    row_of = {}
+    for part_index, part in enumerate(parts):
+        if part.config != first.config or part.step != first.step or not np.array_equal(
+                part.token_sequence, first.token_sequence):
+            raise ValueError("Cannot merge results of different configs, steps or probes")
+        for row, name in enumerate(part.component_names):
+            if name in row_of:
+                raise ValueError(f"Component {name!r} appears in more than one result")
+            row_of[name] = (part_index, row)
+    missing = [name for name in order if name not in row_of]
+    if missing or len(order) != len(row_of):
+        raise ValueError(f"order must name every merged component once; missing {missing}")
+    arrays = {key: np.stack([getattr(parts[row_of[n][0]], key)[row_of[n][1]] for n in order])
+              for key in _PER_COMPONENT}
+    failed = {name: reason for part in parts for name, reason in part.failed.items()}
+    return replace(first, component_names=list(order), failed=failed, **arrays)

@@ -1,0 +1,260 @@
+"""SusceptibilityCallback inside real Trainer runs on CPU (tiny GPT-2, built from a config)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONTEXT, VOCAB, tiny_gpt2
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+from susc_callback import ProbeSet, Schedule, SGLDConfig, SusceptibilityResult
+from susc_callback.callback import SusceptibilityCallback
+from susc_callback.series import saved_steps
+
+DROPOUT = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random sequences as examples (labels = input ids), like a tokenized LM dataset."""
+
+    def __init__(self, count: int = 32, seed: int = 3) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (count, CONTEXT), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def snapshot_config(**changes) -> SGLDConfig:
+    values = dict(num_chains=1, num_draws=3, batch_size=4, observable_sequences=4,
+                  eval_batch_size=8, n_beta=10.0, gamma=100.0, progress=False)
+    return SGLDConfig(**{**values, **changes})
+
+
+def make_trainer(output_dir: Path, callbacks: list, max_steps: int = 6, save_steps: int = 0,
+                 report_to: str = "tensorboard") -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4,
+        learning_rate=1e-3, logging_steps=1, report_to=report_to, seed=0, use_cpu=True,
+        disable_tqdm=True, save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500, dataloader_num_workers=0)
+    return Trainer(model=tiny_gpt2(0, **DROPOUT), args=args, train_dataset=TokenDataset(),
+                   data_collator=default_data_collator, callbacks=callbacks)
+
+
+def make_callback(probe: ProbeSet, log_dir: Path | None = None,
+                  **changes) -> SusceptibilityCallback:
+    options = dict(components="heads", config=snapshot_config(), schedule=Schedule(every=2),
+                   log_dir=log_dir, n_pcs=2)
+    return SusceptibilityCallback(probe, **{**options, **changes})
+
+
+def losses(trainer: Trainer) -> list[tuple[int, float]]:
+    return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history
+            if "loss" in entry]
+
+
+def scalar_steps(log_dir: Path, tag: str) -> list[int]:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return [event.step for event in accumulator.Scalars(tag)]
+
+
+def test_training_is_bitwise_unchanged_by_snapshots(tmp_path, probe):
+    """Dropout on, snapshots every 2 steps: weights, optimizer state and logged losses equal
+    those of the same run without the callback, bit for bit."""
+    plain = make_trainer(tmp_path / "plain", [])
+    plain.train()
+    watched = make_trainer(tmp_path / "watched", [make_callback(probe)])
+    watched.train()
+
+    assert sorted(saved_steps(tmp_path / "watched" / "susceptibility")) == [2, 4, 6]
+    for (name, a), b in zip(plain.model.state_dict().items(), watched.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    state_a, state_b = plain.optimizer.state_dict(), watched.optimizer.state_dict()
+    assert state_a["param_groups"] == state_b["param_groups"]
+    for key, values in state_a["state"].items():
+        for field, tensor in values.items():
+            assert torch.equal(tensor, state_b["state"][key][field]), (key, field)
+    assert losses(plain) == losses(watched) and len(losses(plain)) == 6
+    assert watched.model.training == plain.model.training
+    assert all(p.requires_grad for p in watched.model.parameters())
+
+
+def test_tensorboard_run_holds_loss_and_susceptibilities(tmp_path, probe, monkeypatch):
+    log_dir = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(log_dir))
+    trainer = make_trainer(tmp_path / "out", [make_callback(probe)])
+    trainer.train()
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0,
+                                                                "tensors": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert "train/loss" in tags["scalars"]
+    for tag in ("susceptibility/a/l0h0", "susceptibility/b/l1h1", "rllc/l0h1", "llc/full",
+                "pc1_loading/l1h0", "pc_explained_variance/pc2", "snapshot/seconds",
+                "snapshot/time_share"):
+        assert [e.step for e in accumulator.Scalars(tag)] == [2, 4, 6], tag
+    assert {"figures/heatmap", "figures/pc_loadings", "figures/trajectory_pc1_pc2"} <= set(
+        tags["images"])
+    assert (log_dir / "projector_config.pbtxt").is_file()
+    # The scalars equal the saved results.
+    result = SusceptibilityResult.load(tmp_path / "out" / "susceptibility" / "step-4")
+    logged = accumulator.Scalars("susceptibility/b/l0h1")[1].value
+    assert logged == pytest.approx(result.dataset_chi[1, 1], rel=1e-6)
+    # ... and reach state.log_history without costing any step its loss log.
+    history = trainer.state.log_history
+    assert [e["step"] for e in history if "llc/full" in e] == [2, 4, 6]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_steps_get_a_copy_of_the_result(tmp_path, probe):
+    callback = make_callback(probe, log_dir=tmp_path / "tb",
+                             schedule=Schedule(on_save=True, at_end=True))
+    make_trainer(tmp_path / "out", [callback], max_steps=5, save_steps=2).train()
+    root = tmp_path / "out"
+    assert sorted(saved_steps(root / "susceptibility")) == [2, 4, 5]
+    for step in (2, 4):
+        copy = SusceptibilityResult.load(root / f"checkpoint-{step}" / "susceptibility")
+        original = SusceptibilityResult.load(root / "susceptibility" / f"step-{step}")
+        assert (copy.chi == original.chi).all()
+
+
+def test_resume_continues_the_schedule_without_recomputing(tmp_path, probe, monkeypatch):
+    import susc_callback.callback as callback_module
+
+    computed = []
+    engine = callback_module.estimate_susceptibilities
+
+    def counting(*args, **kwargs):
+        computed.append(kwargs["step"])
+        return engine(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "estimate_susceptibilities", counting)
+    log_dir, out = tmp_path / "tb", tmp_path / "out"
+    make_trainer(out, [make_callback(probe, log_dir)], max_steps=8, save_steps=4).train()
+    assert computed == [2, 4, 6, 8]
+
+    computed.clear()
+    with pytest.warns(UserWarning, match="Moved 2 saved susceptibility snapshots"):
+        make_trainer(out, [make_callback(probe, log_dir)], max_steps=8, save_steps=4).train(
+            resume_from_checkpoint=str(out / "checkpoint-4"))
+    assert computed == [6, 8]
+    assert sorted(saved_steps(out / "susceptibility")) == [2, 4, 6, 8]
+    assert scalar_steps(log_dir, "susceptibility/a/l0h0") == [2, 4, 6, 8]
+    assert scalar_steps(log_dir, "pc1_loading/l0h0") == [2, 4, 6, 8]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, probe):
+    out = tmp_path / "out"
+    make_trainer(out, [make_callback(probe, tmp_path / "tb")], max_steps=4, save_steps=2).train()
+    changed = make_callback(probe, tmp_path / "tb", config=snapshot_config(step_size=2e-3))
+    with pytest.raises(ValueError, match="other components or SGLD settings"):
+        make_trainer(out, [changed], max_steps=4, save_steps=2).train(
+            resume_from_checkpoint=str(out / "checkpoint-2"))
+
+
+def test_a_diverging_component_is_marked_and_training_goes_on(tmp_path, probe):
+    diverging = {"l0h0": {"transformer.h.0.attn.c_attn.weight": None},
+                 "l1": {"transformer.h.1.mlp.c_fc.weight": None}}
+    callback = make_callback(probe, tmp_path / "tb", components=diverging,
+                             config=snapshot_config(step_size=1e9), schedule=[2])
+    trainer = make_trainer(tmp_path / "out", [callback], max_steps=3)
+    with pytest.warns(RuntimeWarning, match="snapshot at step 2 failed"):
+        trainer.train()  # the full chain diverges too: the snapshot fails, training goes on
+    assert trainer.state.global_step == 3
+
+    strict = make_callback(probe, tmp_path / "tb2", components=diverging,
+                           config=snapshot_config(step_size=1e9), schedule=[2], strict=True)
+    with pytest.raises(RuntimeError, match="diverged"):
+        make_trainer(tmp_path / "out2", [strict], max_steps=3).train()
+
+
+def test_a_diverging_component_is_saved_as_failed(tmp_path, probe, monkeypatch):
+    """Only one component's chains blow up: it is saved as failed, the others are kept."""
+    from susc_callback.sampler import RestrictedChain
+
+    step = RestrictedChain.step
+
+    def exploding(self, grads, **kwargs):
+        step(self, grads, **kwargs)
+        if self.name == "l1h0":
+            for value in self.state:
+                value.fill_(float("nan"))
+
+    monkeypatch.setattr(RestrictedChain, "step", exploding)
+    callback = make_callback(probe, tmp_path / "tb", schedule=[2])
+    with pytest.warns(RuntimeWarning, match="l1h0"):
+        make_trainer(tmp_path / "out", [callback], max_steps=2).train()
+    result = SusceptibilityResult.load(tmp_path / "out" / "susceptibility" / "step-2")
+    assert set(result.failed) == {"l1h0"}
+    assert torch.isnan(torch.from_numpy(result.chi[2])).all()
+    assert torch.isfinite(torch.from_numpy(result.chi[[0, 1, 3]])).all()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"components": {"x": {"no.such.weight": None}}}, "unknown parameter"),
+    ({"schedule": [100]}, "selects no step"),
+    ({"config": snapshot_config(batch_size=64)}, "fewer than batch_size"),
+])
+def test_fail_fast_at_train_begin(tmp_path, probe, changes, message):
+    trainer = make_trainer(tmp_path / "out", [make_callback(probe, tmp_path / "tb", **changes)])
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_fail_fast_for_a_probe_longer_than_the_context(tmp_path):
+    long_probe = ProbeSet.from_tensors(torch.zeros(2, CONTEXT + 4, dtype=torch.long))
+    trainer = make_trainer(tmp_path / "out", [make_callback(long_probe, tmp_path / "tb")])
+    with pytest.raises(ValueError, match="more than the model's context"):
+        trainer.train()
+
+
+def test_fail_fast_for_an_iterable_train_dataset(tmp_path, probe):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from TokenDataset()
+
+    trainer = make_trainer(tmp_path / "out", [make_callback(probe, tmp_path / "tb")])
+    trainer.train_dataset = Stream()
+    with pytest.raises(ValueError, match="pass sampling_data="):
+        trainer.train()
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"n_pcs": 0}, "n_pcs must be a positive integer"),
+    ({"standardization": "zscore"}, "Invalid standardization 'zscore'"),
+    ({"schedule": "often"}, "schedule must be a Schedule"),
+])
+def test_constructor_rejects_bad_arguments(probe, kwargs, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        SusceptibilityCallback(probe, **kwargs)
+
+
+def test_schedule_rejects_bad_values():
+    with pytest.raises(ValueError, match="Schedule.every must be a positive integer.*got 0"):
+        Schedule(every=0)
+    with pytest.raises(ValueError, match="non-negative integers, got \\[-3\\]"):
+        Schedule(steps=(5, -3))
+
+
+def test_log_spaced_schedule_is_dense_early():
+    steps = sorted(Schedule(log_spaced=8).planned_steps(1000))
+    assert steps[0] == 1 and steps[-1] == 1000
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    assert gaps == sorted(gaps)
+
+
+def test_no_warnings_on_a_clean_run(tmp_path, probe):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", module="susc_callback")
+        make_trainer(tmp_path / "out", [make_callback(probe, tmp_path / "tb")], max_steps=2).train()
