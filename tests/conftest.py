@@ -44,6 +44,11 @@ def sampling_ids() -> torch.Tensor:
 
 @pytest.fixture
 def probe() -> ProbeSet:
+    return probe_set()
+
+
+def probe_set() -> ProbeSet:
+    """Four sequences from two datasets, one of them right-padded."""
     generator = torch.Generator().manual_seed(2)
     ids = torch.randint(0, VOCAB, (4, CONTEXT), generator=generator)
     mask = torch.ones_like(ids)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -258,3 +262,37 @@ def test_no_warnings_on_a_clean_run(tmp_path, probe):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", module="susc_callback")
         make_trainer(tmp_path / "out", [make_callback(probe, tmp_path / "tb")], max_steps=2).train()
+
+
+def test_two_process_ddp_matches_a_single_process_estimate(tmp_path, probe):
+    """gloo, 2 CPU processes: components are split across ranks, rank 0 merges and writes,
+    and the merged result equals a single-process estimate on the saved checkpoint."""
+    from transformers import GPT2LMHeadModel
+
+    from susc_callback import estimate_susceptibilities
+    from susc_callback.tensorboard import EVENT_FILE_SUFFIX
+
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_free_port()), str(here / "ddp_worker.py"), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    assert sorted(saved_steps(tmp_path / "susceptibility")) == [2, 4]
+    merged = SusceptibilityResult.load(tmp_path / "susceptibility" / "step-4")
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "checkpoint-4")
+    single = estimate_susceptibilities(model, "heads", TokenDataset(), probe,
+                                       snapshot_config(), collate_fn=default_data_collator)
+    assert merged.component_names == single.component_names == ["l0h0", "l0h1", "l1h0", "l1h1"]
+    assert (merged.chi == single.chi).all()
+    assert merged.llc_full == single.llc_full
+    writers = {p.name.split(".")[5] for p in (tmp_path / "tb").glob(f"*{EVENT_FILE_SUFFIX}")}
+    assert len(writers) == 1  # only rank 0 wrote TensorBoard events
+
+
+def _free_port() -> int:
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        return probe_socket.getsockname()[1]

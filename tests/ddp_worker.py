@@ -1,0 +1,15 @@
+"""Run by test_callback.py under ``torchrun --nproc_per_node 2``: a CPU (gloo) DDP training
+run with SusceptibilityCallback snapshotting at every checkpoint save."""
+
+import sys
+from pathlib import Path
+
+from conftest import probe_set
+from test_callback import make_callback, make_trainer
+
+from susc_callback import Schedule
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    callback = make_callback(probe_set(), out / "tb", schedule=Schedule(on_save=True))
+    make_trainer(out, [callback], max_steps=4, save_steps=2).train()
