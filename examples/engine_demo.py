@@ -16,23 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from toy_data import CONTEXT, VOCAB, random_tokens, repeated_spans
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from susc_callback import ProbeSet, SGLDConfig, SusceptibilityPCA, estimate_susceptibilities
-
-VOCAB, CONTEXT = 128, 32
-
-
-def repeated_spans(count: int, generator: torch.Generator) -> torch.Tensor:
-    """Random first half, repeated as the second half: the second half is predictable only
-    by induction (look up the previous occurrence, copy the token that followed it)."""
-    half = torch.randint(0, VOCAB, (count, CONTEXT // 2), generator=generator)
-    return torch.cat([half, half], dim=1)
-
-
-def random_tokens(count: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (count, CONTEXT), generator=generator)
 
 
 def train(model: GPT2LMHeadModel, data: torch.Tensor, steps: int) -> None:

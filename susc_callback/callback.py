@@ -102,6 +102,16 @@ class SusceptibilityCallback(TrainerCallback):
         self.output_dir, self.log_dir = output_dir, log_dir
         self.top_tokens, self.strict = top_tokens, strict
 
+    @property
+    def results_dir(self) -> Path:
+        """Where snapshots are saved (``.../susceptibility``); known once training begins."""
+        return self._results_dir
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """The TensorBoard run directory written to (main process, once training begins)."""
+        return self._logger.log_dir
+
     # -- events -----------------------------------------------------------------------------
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
