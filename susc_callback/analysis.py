@@ -113,3 +113,47 @@ def align_loadings(loadings: np.ndarray, reference: np.ndarray) -> tuple[np.ndar
     matched = len(ref_rows)
     signs[:matched] = np.where(cosine[np.arange(matched), order[:matched]] < 0, -1.0, 1.0)
     return order, signs
+
+
+class CommonBasisPCA:
+    """One PCA of several snapshots' standardized matrices stacked (every snapshot's tokens
+    are samples), so that all snapshots are projected into the same basis and token and
+    dataset trajectories across training can be drawn in one plane.
+
+    Learned attributes: ``component_names_`` (components finite in every snapshot),
+    ``steps_``, ``loadings_`` ``(n_pcs, C)``, ``explained_variance_ratio_``,
+    ``token_scores_`` (one ``(P, n_pcs)`` array per snapshot), ``dataset_names_`` and
+    ``dataset_scores_`` ``(snapshots, D, n_pcs)``.
+    """
+
+    def __init__(self, n_components: int = 3,
+                 standardization: Standardization = "structural-inference") -> None:
+        self.n_components = n_components
+        self.standardization = standardization
+
+    def fit(self, results: list[SusceptibilityResult]) -> CommonBasisPCA:
+        if not results:
+            raise ValueError("CommonBasisPCA needs at least one result")
+        names = [n for n in results[0].component_names
+                 if all(n in r.component_names and
+                        np.isfinite(r.chi[r.component_names.index(n)]).all() for r in results)]
+        if len(names) < 2:
+            raise ValueError(f"A common basis needs >= 2 components finite in every snapshot, "
+                             f"got {names}")
+        blocks = [standardize(r.chi[[r.component_names.index(n) for n in names]],
+                              self.standardization) for r in results]
+        n = min(self.n_components, len(names), sum(len(b) for b in blocks))
+        pca = PCA(n_components=n, svd_solver="full").fit(np.vstack(blocks))
+        self.component_names_ = names
+        self.steps_ = [r.step for r in results]
+        self.loadings_ = pca.components_
+        self.explained_variance_ratio_ = pca.explained_variance_ratio_
+        self.token_scores_ = [pca.transform(b) for b in blocks]
+        self.dataset_names_ = list(dict.fromkeys(d for r in results for d in r.dataset_names))
+        self.dataset_scores_ = np.full((len(results), len(self.dataset_names_), n), np.nan)
+        for i, (result, scores) in enumerate(zip(results, self.token_scores_)):
+            token_dataset = result.token_dataset
+            for d, name in enumerate(result.dataset_names):
+                self.dataset_scores_[i, self.dataset_names_.index(name)] = \
+                    scores[token_dataset == d].mean(axis=0)
+        return self

@@ -35,18 +35,13 @@ from susc_callback.components import as_components
 from susc_callback.config import SGLDConfig
 from susc_callback.data import LossFn, SamplingData
 from susc_callback.engine import check_inputs, estimate_susceptibilities
-from susc_callback.probes import ProbeSet
+from susc_callback.probes import ProbeSet, probe_token_texts
 from susc_callback.results import SusceptibilityResult, merge_results
 from susc_callback.schedule import Schedule
-from susc_callback.series import SnapshotSeries, saved_steps, step_dir
+from susc_callback.series import SnapshotSeries, check_same_settings, saved_steps, step_dir
 from susc_callback.tensorboard import TensorBoardLogger, drop_events_after, snapshot_scalars
 
 logger = logging.get_logger(__name__)
-
-_RUN_INDEPENDENT_CONFIG = ("progress", "device", "on_divergence", "batch_chains",
-                           "max_batched_chains")
-"""Config fields that do not change the estimate; results differing only in these mix."""
-
 
 class SusceptibilityCallback(TrainerCallback):
     """Estimates per-token susceptibilities of model components during training.
@@ -132,7 +127,9 @@ class SusceptibilityCallback(TrainerCallback):
         self.schedule.check(state.max_steps)
         self._planned = self.schedule.planned_steps(state.max_steps)
         self._results_dir = Path(self.output_dir or args.output_dir) / "susceptibility"
-        self._decode = decoder(_tokenizer(kwargs))
+        tokenizer = _tokenizer(kwargs)
+        self._decode = decoder(tokenizer)
+        self._probe_tokens = probe_token_texts(self.probe, tokenizer)
         done = self._restore_history(args, state) if self._main else None
         self._done: set[int] = set(distributed.broadcast_from_main(done))
         self._train_start, self._snapshot_seconds = time.perf_counter(), 0.0
@@ -201,6 +198,8 @@ class SusceptibilityCallback(TrainerCallback):
     def _publish(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                  result: SusceptibilityResult, seconds: float) -> None:
         """Save, analyse and log one merged result (main rank)."""
+        if self._probe_tokens is not None:
+            result.extra["probe_tokens"] = self._probe_tokens
         result.save(step_dir(self._results_dir, result.step))
         pca = self._series.add(result) if _finite_rows(result) >= 2 else None
         self._snapshot_seconds += seconds
@@ -263,7 +262,8 @@ class SusceptibilityCallback(TrainerCallback):
         self._series = SnapshotSeries(self.n_pcs, self.standardization)
         for path in kept.values():
             result = SusceptibilityResult.load(path)
-            _check_compatible(result, self._run_config, [c.name for c in self._components], path)
+            check_same_settings(result, self._run_config,
+                                [c.name for c in self._components], path)
             if _finite_rows(result) >= 2:
                 self._series.add(result)
         log_dir = self._tensorboard_dir(args)
@@ -342,15 +342,3 @@ def _tokenizer(event_kwargs: dict) -> Any:
 
 def _finite_rows(result: SusceptibilityResult) -> int:
     return int(sum(name not in result.failed for name in result.component_names))
-
-
-def _check_compatible(result: SusceptibilityResult, config: SGLDConfig,
-                      components: list[str], path: Path) -> None:
-    def comparable(values: dict) -> dict:
-        return {k: v for k, v in values.items() if k not in _RUN_INDEPENDENT_CONFIG}
-
-    if comparable(result.config) != comparable(config.to_dict()) or \
-            result.component_names != components:
-        raise ValueError(f"The saved snapshot {path} was computed with other components or SGLD "
-                         "settings than this run's; resume with the same settings, or write "
-                         "to a new output_dir")

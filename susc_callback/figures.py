@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from susc_callback.analysis import SusceptibilityPCA
+from susc_callback.analysis import CommonBasisPCA, SusceptibilityPCA
 from susc_callback.results import SusceptibilityResult
 from susc_callback.series import SnapshotSeries
 
@@ -72,6 +72,54 @@ def trajectory_figure(series: SnapshotSeries, pcs: tuple[int, int] = (0, 1)) -> 
     axes.set_title("Probe datasets over training (colour: log step)")
     if names:
         axes.legend(fontsize=8)
+    return figure
+
+
+def curves_figure(steps: np.ndarray, curves: dict[str, np.ndarray], title: str,
+                  ylabel: str) -> Figure:
+    """One line per named curve over training steps (log x axis when steps span decades)."""
+    figure = Figure(figsize=(6.5, 3.8), layout="constrained")
+    axes = figure.add_subplot()
+    for name, values in curves.items():
+        axes.plot(steps, values, marker="o", markersize=3, label=name)
+    if len(steps) and steps.min() > 0 and steps.max() / steps.min() >= 20:
+        axes.set_xscale("log")
+    axes.set_xlabel("training step")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    if 0 < len(curves) <= 24:
+        axes.legend(fontsize=7, ncols=2 if len(curves) > 8 else 1)
+    return figure
+
+
+def token_trajectory_figure(common: CommonBasisPCA, token_datasets: list[np.ndarray],
+                            pcs: tuple[int, int] = (0, 1), colour_by: str = "step") -> Figure:
+    """Every probe token of every snapshot in one plane of the common basis, coloured by
+    training step or by dataset, with each dataset's mean path drawn over it."""
+    a, b = pcs
+    figure = Figure(figsize=(6.0, 5.0), layout="constrained")
+    axes = figure.add_subplot()
+    steps = np.array(common.steps_, dtype=float)
+    if common.loadings_.shape[0] <= b:
+        axes.set_title(f"fewer than {b + 1} PCs")
+        return figure
+    for i, scores in enumerate(common.token_scores_):
+        if colour_by == "step":
+            colours = np.full(len(scores), np.log1p(steps[i]))
+            axes.scatter(scores[:, a], scores[:, b], c=colours, cmap="viridis", s=4,
+                         alpha=0.35, vmin=np.log1p(steps.min()), vmax=np.log1p(steps.max()))
+        else:
+            axes.scatter(scores[:, a], scores[:, b], c=token_datasets[i], cmap="tab10", s=4,
+                         alpha=0.35, vmin=0, vmax=9)
+    for d, name in enumerate(common.dataset_names_):
+        path = common.dataset_scores_[:, d]
+        axes.plot(path[:, a], path[:, b], "-o", markersize=3, color="black", linewidth=1)
+        axes.annotate(name, (path[-1, a], path[-1, b]), fontsize=8, xytext=(3, 3),
+                      textcoords="offset points")
+    axes.set_xlabel(f"PC{a + 1} ({100 * common.explained_variance_ratio_[a]:.1f}%)")
+    axes.set_ylabel(f"PC{b + 1} ({100 * common.explained_variance_ratio_[b]:.1f}%)")
+    what = "log step" if colour_by == "step" else "dataset"
+    axes.set_title(f"Tokens in the common basis (colour: {what}; lines: dataset means)")
     return figure
 
 

@@ -115,3 +115,12 @@ def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"{value.dtype} tensor of shape {tuple(value.shape)}"
     return type(value).__name__
+
+
+def probe_token_texts(probe: ProbeSet, tokenizer: object | None) -> list[list[str]] | None:
+    """The decoded text of every probe token ``[sequence][position]`` (None without a
+    tokenizer or token ids); stored with results so reports need no tokenizer."""
+    ids = probe.input_ids
+    if tokenizer is None or ids is None:
+        return None
+    return [[tokenizer.decode([int(t)]) for t in row] for row in ids.tolist()]

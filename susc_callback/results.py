@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -77,16 +78,25 @@ class SusceptibilityResult:
         return self.probe_input_ids[self.token_sequence, self.token_position + 1]
 
     def save(self, path: str | Path) -> Path:
-        """Write ``arrays.safetensors`` and ``meta.json`` into directory ``path``."""
+        """Write ``arrays.safetensors`` and ``meta.json`` into directory ``path``.
+
+        Written into a sibling folder first and renamed at the end, so an interrupted save
+        never leaves a half-written result (a previous result at ``path`` is replaced).
+        """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         save_file({name: np.ascontiguousarray(getattr(self, name)) for name in _ARRAYS},
-                  str(path / "arrays.safetensors"))
+                  str(partial / "arrays.safetensors"))
         meta = {"format_version": _FORMAT_VERSION, "component_names": self.component_names,
                 "dataset_names": self.dataset_names, "sequence_datasets": self.sequence_datasets,
                 "llc_full": self.llc_full, "config": self.config, "step": self.step,
                 "failed": self.failed, "extra": self.extra}
-        (path / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=True))
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=True))
+        if path.exists():
+            shutil.rmtree(path)
+        partial.rename(path)
         return path
 
     @classmethod

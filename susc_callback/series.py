@@ -8,9 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from susc_callback.analysis import Standardization, SusceptibilityPCA
+from susc_callback.config import SGLDConfig
 from susc_callback.results import SusceptibilityResult
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_RUN_INDEPENDENT_CONFIG = ("progress", "device", "on_divergence", "batch_chains",
+                           "max_batched_chains")
+"""Config fields that do not change the estimate: results differing only in these mix."""
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -28,6 +32,20 @@ def saved_steps(root: str | Path) -> dict[int, Path]:
             if match and (path / "meta.json").is_file() and (path / "arrays.safetensors").is_file():
                 found[int(match.group(1))] = path
     return dict(sorted(found.items()))
+
+
+def check_same_settings(result: SusceptibilityResult, config: SGLDConfig,
+                        components: list[str], path: str | Path) -> None:
+    """Refuse to mix, in one series, a saved result computed with other components or SGLD
+    settings (fields that do not change the estimate, e.g. ``progress``, may differ)."""
+    def comparable(values: dict) -> dict:
+        return {k: v for k, v in values.items() if k not in _RUN_INDEPENDENT_CONFIG}
+
+    if comparable(result.config) != comparable(config.to_dict()) or \
+            list(result.component_names) != list(components):
+        raise ValueError(f"The saved snapshot {path} was computed with other components or SGLD "
+                         "settings than this run's; use the same settings, or write to a new "
+                         "output directory (or overwrite with --force in the CLI)")
 
 
 class SnapshotSeries:

@@ -86,3 +86,23 @@ def test_align_to_matches_the_reference_loadings(chi):
     second = SusceptibilityPCA(n_components=3).fit(flipped).align_to(first)
     np.testing.assert_allclose(second.loadings_, first.loadings_, atol=1e-10)
     np.testing.assert_allclose(second.token_scores_, -first.token_scores_, atol=1e-10)
+
+
+def test_common_basis_pca_equals_a_pca_of_the_stacked_matrices(chi):
+    """Against an independent SVD of the stacked, standardized matrices."""
+    from susc_callback.analysis import CommonBasisPCA
+
+    later = _result(chi * 1.5 + 0.1 * np.cos(np.arange(chi.size)).reshape(chi.shape))
+    first = _result(chi)
+    common = CommonBasisPCA(n_components=2).fit([first, later])
+    stacked = np.vstack([standardize(first.chi), standardize(later.chi)])
+    centred = stacked - stacked.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    for k in range(2):
+        assert abs(abs(common.loadings_[k] @ vt[k]) - 1) < 1e-10
+    expected_ratio = singular[:2] ** 2 / (singular ** 2).sum()
+    assert np.allclose(common.explained_variance_ratio_, expected_ratio)
+    scores = np.vstack(common.token_scores_)
+    assert np.allclose(np.abs(scores), np.abs(centred @ vt[:2].T))
+    d0 = first.token_dataset == 0
+    assert np.allclose(common.dataset_scores_[0, 0], common.token_scores_[0][d0].mean(axis=0))

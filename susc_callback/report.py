@@ -1,0 +1,277 @@
+"""A self-contained HTML report of saved results: per-token attribution, PCs, trajectories.
+
+The page needs no server and no network: figures are embedded as PNG data URIs (and also
+written next to it), the component picker is a few lines of inline JavaScript, and every
+token's colour is computed here, so it can be checked against the saved numbers.
+
+Token colours: for the shown component, ``v`` is the token's standardized susceptibility
+and ``s`` the largest ``|v|`` of that component; the background blends white (``v = 0``)
+towards green (``v > 0``, suppresses) or red (``v < 0``, expresses) by ``|v| / s``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from susc_callback.analysis import (
+    CommonBasisPCA,
+    Standardization,
+    SusceptibilityPCA,
+    standardize,
+)
+from susc_callback.attribution import extreme_tokens
+from susc_callback.figures import (
+    curves_figure,
+    heatmap_figure,
+    loadings_figure,
+    token_trajectory_figure,
+    trajectory_figure,
+)
+from susc_callback.results import SusceptibilityResult
+from susc_callback.series import SnapshotSeries
+
+POSITIVE_RGB = (26, 152, 80)
+NEGATIVE_RGB = (215, 48, 39)
+
+
+def token_colour(value: float, scale: float) -> tuple[int, int, int]:
+    """Background of a token: white at 0, green (> 0) or red (< 0) at ``|value| = scale``."""
+    if not np.isfinite(value) or scale <= 0:
+        return (255, 255, 255)
+    weight = min(1.0, abs(value) / scale)
+    target = POSITIVE_RGB if value > 0 else NEGATIVE_RGB
+    return tuple(int(round(255 + weight * (c - 255))) for c in target)
+
+
+def probe_token_texts(result: SusceptibilityResult, tokenizer: object | None = None
+                      ) -> list[list[str]]:
+    """The text of every probe token ``[sequence][position]``: stored in the result by the
+    callback and the CLI, else decoded with ``tokenizer``, else ``<id>``."""
+    stored = result.extra.get("probe_tokens")
+    if stored is not None:
+        return stored
+    ids = result.probe_input_ids
+    if tokenizer is None:
+        return [[f"<{int(t)}>" for t in row] for row in ids]
+    return [[tokenizer.decode([int(t)]) for t in row] for row in ids]
+
+
+def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
+                 tokenizer: object | None = None, step: int | None = None, n_pcs: int = 3,
+                 standardization: Standardization = "structural-inference",
+                 top_tokens: int = 8, title: str = "Susceptibility report") -> Path:
+    """Write ``out_dir/report.html`` and ``out_dir/figures/*.png``; return the HTML path.
+
+    ``results`` are one run's snapshots (any order); the token view shows snapshot ``step``
+    (default the latest).
+    """
+    if not results:
+        raise ValueError("No results to report")
+    results = sorted(results, key=lambda r: -1 if r.step is None else r.step)
+    steps = [r.step for r in results]
+    shown = results[-1] if step is None else next((r for r in results if r.step == step), None)
+    if shown is None:
+        raise ValueError(f"No snapshot at step {step}; available steps: {steps}")
+    out_dir = Path(out_dir)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    texts = probe_token_texts(shown, tokenizer)
+    figures = _figures(results, shown, n_pcs, standardization)
+    sections = [
+        _header(title, results, shown, standardization),
+        _token_view(shown, texts, standardization),
+        *(_figure_section(name, caption, figure, out_dir)
+          for name, (caption, figure) in figures.items()),
+        _top_tokens_table(shown, texts, top_tokens),
+    ]
+    page = _PAGE.format(title=html.escape(title), body="\n".join(sections))
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _figures(results: list[SusceptibilityResult], shown: SusceptibilityResult, n_pcs: int,
+             standardization: Standardization) -> dict[str, tuple[str, Figure]]:
+    figures: dict[str, tuple[str, Figure]] = {
+        "heatmap": ("Mean susceptibility of each component on each probe dataset "
+                    "(red: expresses, blue: suppresses).", heatmap_figure(shown))}
+    if _finite_components(shown) >= 2:
+        pca = SusceptibilityPCA(n_pcs, standardization).fit(shown)
+        figures["pc_loadings"] = (f"PC loadings of step {shown.step} ({standardization}).",
+                                  loadings_figure(pca, shown.step))
+    timed = [r for r in results if r.step is not None and _finite_components(r) >= 2]
+    if len(timed) >= 2:
+        series = SnapshotSeries(n_pcs, standardization)
+        for result in timed:
+            series.add(result)
+        steps = np.array(sorted(series.pcas))
+        pcas = [series.pcas[s] for s in steps]
+        k = min(len(p.explained_variance_ratio_) for p in pcas)
+        figures["explained_variance"] = ("Explained variance of each snapshot's PCs (aligned "
+                                         "to the previous snapshot).", curves_figure(
+            steps, {f"PC{i + 1}": np.array([p.explained_variance_ratio_[i] for p in pcas])
+                    for i in range(k)}, "Explained variance over training", "ratio"))
+        for i in range(min(k, 2)):
+            names = pcas[-1].component_names_
+            figures[f"pc{i + 1}_loadings_over_training"] = (
+                f"Loading of every component on PC{i + 1} over training.", curves_figure(
+                    steps, {n: np.array([_loading(p, i, n) for p in pcas]) for n in names},
+                    f"PC{i + 1} loadings over training", "loading"))
+        figures["dataset_trajectory"] = ("Probe datasets' mean scores on each snapshot's "
+                                         "aligned PC1 and PC2.", trajectory_figure(series))
+        common = CommonBasisPCA(n_pcs, standardization).fit(timed)
+        token_datasets = [r.token_dataset for r in timed]
+        for pcs in ((0, 1), (1, 2)):
+            for colour in ("step", "dataset"):
+                name = f"tokens_pc{pcs[0] + 1}_pc{pcs[1] + 1}_by_{colour}"
+                figures[name] = (
+                    f"Every probe token of every snapshot in one basis (a PCA of all "
+                    f"snapshots together), PC{pcs[0] + 1} vs PC{pcs[1] + 1}, coloured by "
+                    f"{colour}.", token_trajectory_figure(common, token_datasets, pcs, colour))
+        figures["llc"] = ("Refined LLC of every component and the LLC of the full model.",
+                          curves_figure(np.array([r.step for r in timed]), {
+                              **{n: np.array([_row(r, "rllc", n) for r in timed])
+                                 for n in timed[-1].component_names},
+                              "full model": np.array([r.llc_full for r in timed])},
+                              "Learning coefficients over training", "(r)LLC"))
+    return figures
+
+
+def _loading(pca: SusceptibilityPCA, k: int, name: str) -> float:
+    if name not in pca.component_names_ or k >= len(pca.loadings_):
+        return np.nan
+    return float(pca.loadings_[k, pca.component_names_.index(name)])
+
+
+def _row(result: SusceptibilityResult, field: str, name: str) -> float:
+    if name not in result.component_names:
+        return np.nan
+    return float(getattr(result, field)[result.component_names.index(name)])
+
+
+def _finite_components(result: SusceptibilityResult) -> int:
+    return int(np.isfinite(result.chi).all(axis=1).sum())
+
+
+def _header(title: str, results: list[SusceptibilityResult], shown: SusceptibilityResult,
+            standardization: str) -> str:
+    config = ", ".join(f"{k}={v}" for k, v in shown.config.items()
+                       if k in ("step_size", "n_beta", "gamma", "num_chains", "num_draws",
+                                "batch_size", "seed"))
+    failed = "".join(f"<li>{html.escape(n)}: {html.escape(r)}</li>"
+                     for n, r in shown.failed.items())
+    return (f"<h1>{html.escape(title)}</h1><p>{len(results)} snapshot(s) at steps "
+            f"{[r.step for r in results]}; token view: step {shown.step}. Standardization: "
+            f"<b>{html.escape(standardization)}</b>. SGLD: {html.escape(config)}.</p>"
+            + (f"<p>Failed components at this step:</p><ul>{failed}</ul>" if failed else ""))
+
+
+def _token_view(result: SusceptibilityResult, texts: list[list[str]],
+                standardization: Standardization) -> str:
+    """Every probe sequence with each predicted token shaded, one block per component."""
+    finite = [i for i in range(len(result.component_names))
+              if np.isfinite(result.chi[i]).all()]
+    values = np.full(result.chi.shape, np.nan)
+    if finite:
+        values[finite] = standardize(result.chi[finite], standardization).T
+    where = {(int(s), int(t) + 1): i for i, (s, t) in
+             enumerate(zip(result.token_sequence, result.token_position))}
+    mask = result.probe_attention_mask
+    options, blocks = [], []
+    for row, name in enumerate(result.component_names):
+        scale = float(np.nanmax(np.abs(values[row]))) if row in finite else 0.0
+        options.append(f'<option value="{row}">{html.escape(name)}</option>')
+        lines = []
+        for s, tokens in enumerate(texts):
+            spans = []
+            for t, text in enumerate(tokens):
+                if not mask[s, t]:
+                    continue
+                i = where.get((s, t))
+                if i is None:
+                    spans.append(f'<span class="tok">{html.escape(text)}</span>')
+                    continue
+                value = values[row, i]
+                colour = "rgb({},{},{})".format(*token_colour(value, scale))
+                spans.append(
+                    f'<span class="tok" data-token="{i}" data-value="{value:.6g}" '
+                    f'style="background:{colour}" title="{html.escape(name)}: '
+                    f'{value:+.4g} (raw chi {result.chi[row, i]:+.4g})">'
+                    f"{html.escape(text)}</span>")
+            dataset = html.escape(result.sequence_datasets[s])
+            lines.append(f'<div class="seq"><span class="label">{dataset}</span>'
+                         f'{"".join(spans)}</div>')
+        hidden = "" if row == (finite[0] if finite else 0) else ' style="display:none"'
+        blocks.append(f'<div class="component" data-component="{row}"{hidden}>'
+                      f'{"".join(lines)}</div>')
+    return (f"<h2>Per-token attribution</h2><p>Each token is shaded by the {standardization}-"
+            "standardized susceptibility of the chosen component for predicting it: "
+            '<span class="key neg">red: expresses (&lt; 0)</span> '
+            '<span class="key pos">green: suppresses (&gt; 0)</span>, white: 0, intensity '
+            "relative to the component's largest magnitude. Hover for values.</p>"
+            f'<label>Component <select id="component">{"".join(options)}</select></label>'
+            f'<div class="tokens">{"".join(blocks)}</div>')
+
+
+def _figure_section(name: str, caption: str, figure: Figure, out_dir: Path) -> str:
+    path = out_dir / "figures" / f"{name}.png"
+    figure.savefig(path, dpi=110)
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure id="{name}"><img alt="{html.escape(name)}" '
+            f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}'
+            "</figcaption></figure>")
+
+
+def _top_tokens_table(result: SusceptibilityResult, texts: list[list[str]], k: int) -> str:
+    rows = []
+    for row, name in enumerate(result.component_names):
+        cells = []
+        for indices in extreme_tokens(result, row, k):
+            items = []
+            for i in indices:
+                s, t = int(result.token_sequence[i]), int(result.token_position[i])
+                context = "".join(texts[s][max(0, t - 5):t + 1])
+                token = html.escape(texts[s][t + 1])
+                items.append(f"<code>{html.escape(context)}</code><b>[{token}]</b> "
+                             f"{result.chi[row, i]:+.3g}")
+            cells.append("<br>".join(items) or "(failed)")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{cells[0]}</td><td>{cells[1]}</td>"
+                    "</tr>")
+    return ("<h2>Tokens each component expresses and suppresses</h2><table><tr><th>component"
+            "</th><th>expresses (most negative)</th><th>suppresses (most positive)</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }}
+.tokens {{ font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.7; }}
+.seq {{ margin: 0.3em 0; white-space: pre-wrap; }}
+.label {{ color: #777; font-size: 11px; margin-right: 0.8em; }}
+.tok {{ border-radius: 2px; }}
+.key {{ padding: 0 0.3em; }} .neg {{ background: rgb(215,48,39); color: white; }}
+.pos {{ background: rgb(26,152,80); color: white; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+td, th {{ border: 1px solid #ccc; padding: 0.3em 0.5em; vertical-align: top; }}
+</style></head><body>
+{body}
+<script>
+const picker = document.getElementById("component");
+const blocks = document.querySelectorAll(".component");
+function show() {{
+  blocks.forEach(b => b.style.display = b.dataset.component === picker.value ? "" : "none");
+}}
+if (picker) {{
+  const visible = [...blocks].find(b => b.style.display !== "none");
+  if (visible) picker.value = visible.dataset.component;
+  picker.addEventListener("change", show);
+}}
+</script>
+</body></html>
+"""
