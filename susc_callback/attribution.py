@@ -18,14 +18,29 @@ Decode = Callable[[int], str]
 """Token id -> printable text."""
 
 
+def visible(text: str) -> str:
+    """``text`` with backslashes and whitespace control characters escaped, so that it
+    survives tables and TSV files."""
+    return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+            .replace("\r", "\\r"))
+
+
 def decoder(tokenizer: object | None) -> Decode:
-    """Token text from a Hugging Face tokenizer (or ``<id>`` without one), with whitespace
-    made visible so that it survives tables and TSV files."""
+    """Token text from a Hugging Face tokenizer (``<id>`` without one), made visible."""
     def decode(token_id: int) -> str:
-        text = tokenizer.decode([int(token_id)]) if tokenizer is not None else f"<{token_id}>"
-        return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-                .replace("\r", "\\r"))
+        if tokenizer is None:
+            return f"<{int(token_id)}>"
+        return visible(tokenizer.decode([int(token_id)]))
     return decode
+
+
+def stored_decoder(result: SusceptibilityResult) -> Decode:
+    """Token text from the probe token texts stored in ``result.extra`` (see
+    :func:`~susc_callback.probes.probe_token_texts`), ``<id>`` for unknown ids."""
+    texts = result.extra.get("probe_tokens") or []
+    lookup = {int(t): text for row, ids in zip(texts, result.probe_input_ids)
+              for text, t in zip(row, ids)}
+    return lambda token_id: visible(lookup.get(int(token_id), f"<{int(token_id)}>"))
 
 
 def extreme_tokens(result: SusceptibilityResult, component: int, k: int

@@ -106,3 +106,20 @@ def test_common_basis_pca_equals_a_pca_of_the_stacked_matrices(chi):
     assert np.allclose(np.abs(scores), np.abs(centred @ vt[:2].T))
     d0 = first.token_dataset == 0
     assert np.allclose(common.dataset_scores_[0, 0], common.token_scores_[0][d0].mean(axis=0))
+
+
+def test_compare_results_is_pearson_per_component(chi):
+    from susc_callback.analysis import compare_results
+
+    rng = np.random.default_rng(5)
+    noisy = chi + rng.normal(scale=0.5, size=chi.shape)
+    correlations = compare_results(_result(chi), _result(noisy))
+    for i, name in enumerate(correlations):
+        x, y = chi[i] - chi[i].mean(), noisy[i] - noisy[i].mean()
+        assert correlations[name] == pytest.approx((x @ y) / np.sqrt((x @ x) * (y @ y)))
+    same = compare_results(_result(chi), _result(chi))
+    assert all(v == pytest.approx(1.0) for v in same.values())
+    other = _result(chi)
+    other.token_position = other.token_position + 1
+    with pytest.raises(ValueError, match="different probe tokens"):
+        compare_results(_result(chi), other)

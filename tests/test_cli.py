@@ -1,0 +1,169 @@
+"""The ``susc`` command line on checkpoint series made in the test."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONTEXT, VOCAB, tiny_gpt2
+
+import susc_callback.cli as cli
+from susc_callback import SusceptibilityResult, standardize
+from susc_callback.series import saved_steps
+
+SGLD = ["--num-chains", "1", "--num-draws", "3", "--batch-size", "4",
+        "--observable-sequences", "4", "--eval-batch-size", "8", "--n-beta", "10",
+        "--gamma", "100", "--no-progress"]
+
+
+def write_jsonl(path: Path, ids: torch.Tensor, datasets: list[str]) -> Path:
+    path.write_text("\n".join(json.dumps({"input_ids": row, "dataset": d})
+                              for row, d in zip(ids.tolist(), datasets)))
+    return path
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    """A run folder with three checkpoints (different weights) and probe / sampling files."""
+    run_dir = tmp_path / "run"
+    for step, seed in ((10, 0), (20, 1), (30, 2)):
+        tiny_gpt2(seed).save_pretrained(run_dir / f"checkpoint-{step}")
+    generator = torch.Generator().manual_seed(7)
+    write_jsonl(tmp_path / "probe.jsonl", torch.randint(0, VOCAB, (4, CONTEXT),
+                generator=generator), ["a", "a", "b", "b"])
+    write_jsonl(tmp_path / "train.jsonl", torch.randint(0, VOCAB, (16, CONTEXT),
+                generator=generator), ["train"] * 16)
+    return run_dir
+
+
+def analyze(run_dir: Path, *extra: str) -> int:
+    root = run_dir.parent
+    return cli.main(["analyze", str(run_dir), "--probe", str(root / "probe.jsonl"),
+                     "--sampling-data", str(root / "train.jsonl"), *SGLD, *extra])
+
+
+def test_interrupted_analysis_resumes_to_the_uninterrupted_result(run, tmp_path, monkeypatch):
+    import shutil
+
+    reference = tmp_path / "reference" / "run"
+    shutil.copytree(run, reference)
+    shutil.copy(tmp_path / "probe.jsonl", reference.parent)
+    shutil.copy(tmp_path / "train.jsonl", reference.parent)
+    assert analyze(reference) == 0
+
+    engine, calls = cli.estimate_susceptibilities, []
+
+    def interrupted_after_one(*args, **kwargs):
+        calls.append(kwargs["step"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return engine(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "estimate_susceptibilities", interrupted_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(run)
+    assert sorted(saved_steps(run / "susceptibility")) == [10]
+
+    calls.clear()
+    monkeypatch.setattr(cli, "estimate_susceptibilities", lambda *a, **k: (
+        calls.append(k["step"]), engine(*a, **k))[1])
+    assert analyze(run) == 0
+    assert calls == [20, 30]  # the finished checkpoint is skipped
+    for step in (10, 20, 30):
+        a = SusceptibilityResult.load(run / "susceptibility" / f"step-{step}")
+        b = SusceptibilityResult.load(reference / "susceptibility" / f"step-{step}")
+        assert np.array_equal(a.chi, b.chi) and a.step == step
+    calls.clear()
+    assert analyze(run) == 0 and calls == []  # idempotent
+    assert any((run / "runs" / "susceptibility").glob("events.out.tfevents.*"))
+
+
+def test_analysis_refuses_to_mix_settings_unless_forced(run, capsys):
+    assert analyze(run, "--checkpoints", "checkpoint-10") == 0
+    assert analyze(run, "--checkpoints", "checkpoint-10", "--step-size", "2e-3") == 2
+    assert "other components or SGLD settings" in capsys.readouterr().err
+    assert analyze(run, "--checkpoints", "checkpoint-10", "--step-size", "2e-3", "--force") == 0
+
+
+class Spans(HTMLParser):
+    """Collects (component block, token index, value, background) of the token view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.spans = None, []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "div" and "data-component" in attrs:
+            self.block = int(attrs["data-component"])
+        if tag == "span" and "data-token" in attrs:
+            rgb = tuple(int(v) for v in re.findall(r"\d+", attrs["style"]))
+            self.spans.append((self.block, int(attrs["data-token"]),
+                               float(attrs["data-value"]), rgb))
+
+
+def test_report_token_colours_follow_the_saved_numbers(run, tmp_path):
+    assert analyze(run) == 0
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "structural-inference" in page and "http" not in page.replace(
+        'lang="en"', "")  # self-contained: no links to load
+    for name in ("heatmap", "pc_loadings", "explained_variance", "tokens_pc1_pc2_by_step",
+                 "llc"):
+        assert (tmp_path / "report" / "figures" / f"{name}.png").is_file()
+    parser = Spans()
+    parser.feed(page)
+    last = SusceptibilityResult.load(run / "susceptibility" / "step-30")
+    expected = last.chi - last.chi.mean(axis=1, keepdims=True)  # centred per component
+    assert np.allclose(standardize(last.chi).T, expected)
+    assert len(parser.spans) == expected.size
+    for block, token, value, rgb in parser.spans:
+        assert value == pytest.approx(expected[block, token], rel=1e-5, abs=1e-12)
+        strongest = np.abs(expected[block]).max()
+        visible = abs(value) > 0.05 * strongest  # fainter shades round to near-white
+        if visible and value > 0:
+            assert rgb[1] > rgb[0] and rgb[1] > rgb[2]  # green
+        elif visible and value < 0:
+            assert rgb[0] > rgb[1] and rgb[0] > rgb[2]  # red
+        if abs(value) == pytest.approx(strongest, rel=1e-5):
+            assert rgb in ((26, 152, 80), (215, 48, 39))  # full colour at the largest value
+        whiteness = min(rgb)
+        assert whiteness == pytest.approx(255 - abs(value) / strongest * (255 - (26 if value > 0
+                                          else 39)), abs=1.0)
+
+
+def test_compare_a_result_with_itself(run, capsys):
+    assert analyze(run, "--checkpoints", "checkpoint-10") == 0
+    result = str(run / "susceptibility" / "step-10")
+    capsys.readouterr()
+    assert cli.main(["compare", result, result]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    values = [float(line.split()[1]) for line in lines[1:-1]]
+    assert len(values) == 4 and all(v == pytest.approx(1.0) for v in values)
+
+
+def test_clear_errors(run, tmp_path, capsys):
+    assert cli.main(["analyze", str(tmp_path), "--probe", "p", "--sampling-data", "s"]) == 2
+    assert "no checkpoints found: looked for checkpoint-<step> folders in" in \
+        capsys.readouterr().err
+
+    broken = run / "checkpoint-15"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert analyze(run) == 2
+    assert "checkpoint-15 is unreadable" in capsys.readouterr().err
+    assert analyze(run, "--keep-going") == 1
+    assert sorted(saved_steps(run / "susceptibility")) == [10, 20, 30]
+    assert "checkpoint-15" in capsys.readouterr().err
+
+    long_probe = tmp_path / "long.jsonl"
+    write_jsonl(long_probe, torch.zeros(2, CONTEXT + 5, dtype=torch.long), ["a", "b"])
+    code = cli.main(["analyze", str(run), "--checkpoints", "checkpoint-10", "--force",
+                     "--probe", str(long_probe), "--sampling-data",
+                     str(tmp_path / "train.jsonl"), *SGLD])
+    assert code == 2 and "more than the model's context" in capsys.readouterr().err
