@@ -37,7 +37,7 @@ def loadings_figure(pca: SusceptibilityPCA, step: int | None = None) -> Figure:
     """One bar chart per PC: every component's loading, with the explained variance."""
     count = len(pca.loadings_)
     names = pca.component_names_
-    figure = Figure(figsize=(max(4.0, 0.3 * len(names) + 1.5), 1.8 * count + 0.6),
+    figure = Figure(figsize=(max(5.5, 0.3 * len(names) + 1.5), 1.8 * count + 0.6),
                     layout="constrained")
     axes_list = figure.subplots(count, 1, sharex=True, squeeze=False)[:, 0]
     for k, axes in enumerate(axes_list):
@@ -82,8 +82,9 @@ def curves_figure(steps: np.ndarray, curves: dict[str, np.ndarray], title: str,
     axes = figure.add_subplot()
     for name, values in curves.items():
         axes.plot(steps, values, marker="o", markersize=3, label=name)
-    if len(steps) and steps.min() > 0 and steps.max() / steps.min() >= 20:
-        axes.set_xscale("log")
+    positive = steps[steps > 0]
+    if len(positive) and positive.max() / positive.min() >= 20:  # log-spaced snapshots
+        axes.set_xscale("symlog", linthresh=max(1.0, float(positive.min())))
     axes.set_xlabel("training step")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
