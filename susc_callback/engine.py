@@ -4,6 +4,8 @@ Work plan, designed to do less work rather than the same work faster:
 
 * Sampling runs on a private float32 eval-mode snapshot; the caller's model, its flags and
   every global RNG stream are left exactly as they were (also when an error is raised).
+  Activations the snapshot spells out elementwise (GPT-2's ``gelu_new``) are replaced by
+  fused kernels computing the same function (:mod:`susc_callback.activations`).
 * Components are grouped by their *frozen prefix*: the number of transformer blocks that
   run before any of their parameters is used. Within a group, the probe's and the
   observable set's activations after that prefix are computed once per group and replayed
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from susc_callback.activations import fuse_activations
 from susc_callback.architectures import block_list_path
 from susc_callback.components import (
     ResolvedComponent,
@@ -159,10 +162,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _float32_snapshot(model: nn.Module, device: torch.device) -> nn.Module:
+    """A private float32 eval-mode copy with frozen parameters and fused activations."""
     snapshot = deepcopy(model).to(device=device, dtype=torch.float32).eval()
     for param in snapshot.parameters():
         param.requires_grad_(False)
         param.grad = None
+    fuse_activations(snapshot)
     return snapshot
 
 
