@@ -277,6 +277,7 @@ class _Run:
                 anchor = group.observable_loss()
         if anchor is not None:  # one L(w*) for every draw of the group
             self.fixed_anchors.update({c.name: float(anchor) for c in members})
+        checkpoint = self._checkpoint_draw(group) if _draw_index(0, cfg) is not None else None
         for chain_index in range(cfg.num_chains):
             chains = [RestrictedChain(c, self.params, make_generator(
                 self.device, chain_seed(cfg.seed, "noise", c.name, chain_index)))
@@ -290,12 +291,25 @@ class _Run:
                     hidden = group.capture(batch)
                     if draw is not None and minibatch_observable and cfg.anchor == "exact":
                         anchor = group.mean([(batch, hidden)])
-                evaluated = self._evaluate(chains, group, batch, hidden, draw is not None)
+                at_checkpoint = step_index == 0 and checkpoint is not None
+                evaluated = self._evaluate(chains, group, batch, hidden,
+                                           draw is not None and not at_checkpoint)
+                if at_checkpoint:
+                    _share_draw(evaluated, *checkpoint)
                 for chain, output in evaluated:
                     if not self._advance(chain, output, chain_index, step_index, draw, anchor,
                                          sums[chain.name]):
                         chains.remove(chain)
                 bar.update(len(members))
+
+    def _checkpoint_draw(self, group: GroupLosses) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The observable loss (None when it is the minibatch's) and the probe token losses
+        at w*. A draw at the first step, before any update, sees w* in every chain of the
+        group, so it is evaluated once per group rather than once per chain."""
+        with torch.no_grad():
+            observable = None if self.config.observable == "minibatch" else \
+                group.observable_loss()
+            return observable, group.probe_losses()
 
     def _evaluate(self, chains: list[RestrictedChain], group: GroupLosses, batch: dict,
                   hidden: torch.Tensor | None, draw: bool
@@ -416,6 +430,15 @@ def _draw_index(step_index: int, config: SGLDConfig) -> int | None:
     if offset < 0 or offset % config.steps_between_draws:
         return None
     return offset // config.steps_between_draws
+
+
+def _share_draw(evaluated: list[tuple[RestrictedChain, ChainStep]],
+                observable: torch.Tensor | None, tokens: torch.Tensor) -> None:
+    """Give every chain's step the same draw, evaluated once (``observable`` None: each
+    chain's minibatch loss is its observable)."""
+    for _, output in evaluated:
+        output.observable = output.loss if observable is None else observable
+        output.tokens = tokens
 
 
 def _nonfinite(**values: torch.Tensor) -> str | None:
