@@ -4,6 +4,8 @@ Work plan, designed to do less work rather than the same work faster:
 
 * Sampling runs on a private float32 eval-mode snapshot; the caller's model, its flags and
   every global RNG stream are left exactly as they were (also when an error is raised).
+  Activations the snapshot spells out elementwise (GPT-2's ``gelu_new``) are replaced by
+  fused kernels computing the same function (:mod:`susc_callback.activations`).
 * Components are grouped by their *frozen prefix*: the number of transformer blocks that
   run before any of their parameters is used. Within a group, the probe's and the
   observable set's activations after that prefix are computed once per group and replayed
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from susc_callback.activations import fuse_activations
 from susc_callback.architectures import block_list_path
 from susc_callback.components import (
     ResolvedComponent,
@@ -180,10 +183,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _float32_snapshot(model: nn.Module, device: torch.device) -> nn.Module:
+    """A private float32 eval-mode copy with frozen parameters and fused activations."""
     snapshot = deepcopy(model).to(device=device, dtype=torch.float32).eval()
     for param in snapshot.parameters():
         param.requires_grad_(False)
         param.grad = None
+    fuse_activations(snapshot)
     return snapshot
 
 
@@ -290,6 +295,7 @@ class _Run:
                 anchor = group.observable_loss()
         if anchor is not None:  # one L(w*) for every draw of the group
             self.fixed_anchors.update({c.name: float(anchor) for c in members})
+        checkpoint = self._checkpoint_draw(group) if _draw_index(0, cfg) is not None else None
         for chain_index in range(cfg.num_chains):
             chains = [RestrictedChain(c, self.params, make_generator(
                 self.device, chain_seed(cfg.seed, "noise", c.name, chain_index)))
@@ -303,12 +309,25 @@ class _Run:
                     hidden = group.capture(batch)
                     if draw is not None and minibatch_observable and cfg.anchor == "exact":
                         anchor = group.mean([(batch, hidden)])
-                evaluated = self._evaluate(chains, group, batch, hidden, draw is not None)
+                at_checkpoint = step_index == 0 and checkpoint is not None
+                evaluated = self._evaluate(chains, group, batch, hidden,
+                                           draw is not None and not at_checkpoint)
+                if at_checkpoint:
+                    _share_draw(evaluated, *checkpoint)
                 for chain, output in evaluated:
                     if not self._advance(chain, output, chain_index, step_index, draw, anchor,
                                          sums[chain.name]):
                         chains.remove(chain)
                 bar.update(len(members))
+
+    def _checkpoint_draw(self, group: GroupLosses) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The observable loss (None when it is the minibatch's) and the probe token losses
+        at w*. A draw at the first step, before any update, sees w* in every chain of the
+        group, so it is evaluated once per group rather than once per chain."""
+        with torch.no_grad():
+            observable = None if self.config.observable == "minibatch" else \
+                group.observable_loss()
+            return observable, group.probe_losses()
 
     def _evaluate(self, chains: list[RestrictedChain], group: GroupLosses, batch: dict,
                   hidden: torch.Tensor | None, draw: bool
@@ -429,6 +448,15 @@ def _draw_index(step_index: int, config: SGLDConfig) -> int | None:
     if offset < 0 or offset % config.steps_between_draws:
         return None
     return offset // config.steps_between_draws
+
+
+def _share_draw(evaluated: list[tuple[RestrictedChain, ChainStep]],
+                observable: torch.Tensor | None, tokens: torch.Tensor) -> None:
+    """Give every chain's step the same draw, evaluated once (``observable`` None: each
+    chain's minibatch loss is its observable)."""
+    for _, output in evaluated:
+        output.observable = output.loss if observable is None else observable
+        output.tokens = tokens
 
 
 def _nonfinite(**values: torch.Tensor) -> str | None:

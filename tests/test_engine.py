@@ -472,3 +472,27 @@ def test_batching_a_loss_fn_vmap_cannot_handle_is_explained(gpt2, probe, samplin
     with pytest.raises(RuntimeError, match="batch_chains='off'"):
         _estimate(gpt2, probe, sampling_ids, config.replace(batch_chains="on"),
                   loss_fn=loss_fn)
+
+
+def test_first_draw_at_the_checkpoint_is_evaluated_once_per_group(gpt2, probe, sampling_ids,
+                                                                  config, monkeypatch):
+    """Without burn-in every chain's first draw is at w*: the probe is evaluated there once
+    per prefix group (2 here: layer-0 heads + full, layer-1 heads), not once per chain."""
+    from susc_callback.group import GroupLosses
+
+    calls = []
+    real = GroupLosses.probe_losses
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.depth)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GroupLosses, "probe_losses", counted)
+    result = _estimate(gpt2, probe, sampling_ids, config)
+    chain_draws = (len(result.component_names) + 1) * config.num_chains * config.num_draws
+    checkpoint_draws = (len(result.component_names) + 1) * config.num_chains
+    assert len(calls) == chain_draws - checkpoint_draws + 2
+    assert sorted(set(calls)) == [0, 1]
+    moved = _estimate(gpt2, probe, sampling_ids, config.replace(num_burnin=1))
+    at_anchor = np.broadcast_to(moved.anchor_loss[:, None], moved.loss_traces.shape[:2])
+    assert not np.array_equal(moved.loss_traces[:, :, 0], at_anchor)  # burn-in: not shared

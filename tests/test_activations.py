@@ -1,0 +1,53 @@
+"""Fused activations in the engine's snapshot: same numbers, caller's model untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from conftest import tiny_gpt2
+from transformers.activations import FastGELUActivation, NewGELUActivation
+
+from susc_callback import estimate_susceptibilities
+from susc_callback.activations import fuse_activations
+
+
+def _activation_types(model: torch.nn.Module) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if "GELU" in type(m).__name__}
+
+
+def test_fused_gelu_computes_the_same_function():
+    x = torch.linspace(-8, 8, 10001)
+    fused = torch.nn.Sequential(NewGELUActivation(), FastGELUActivation())
+    fuse_activations(fused)
+    assert _activation_types(fused) == {"GELUTanh"}
+    for original in (NewGELUActivation(), FastGELUActivation()):
+        torch.testing.assert_close(fused[0](x), original(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_model_gives_the_same_logits():
+    model = tiny_gpt2().eval()
+    fused = copy.deepcopy(model)
+    fuse_activations(fused)
+    assert _activation_types(model) == {"NewGELUActivation"}
+    assert _activation_types(fused) == {"GELUTanh"}
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_engine_samples_with_fused_activations_only_in_its_snapshot(gpt2, probe, sampling_ids,
+                                                                   config):
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(_activation_types(m))
+        logits = m(input_ids=batch["input_ids"]).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:],
+                               reduction="none")
+
+    estimate_susceptibilities(gpt2, None, sampling_ids, probe, config, loss_fn=loss_fn)
+    assert seen and all(types == {"GELUTanh"} for types in seen)
+    assert _activation_types(gpt2) == {"NewGELUActivation"}
