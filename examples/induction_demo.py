@@ -45,19 +45,20 @@ CONTEXT, VOCAB_SIZE, THRESHOLD = 64, 512, 0.3
 @dataclass(frozen=True)
 class Mode:
     steps: int
-    snapshots: int
+    snapshots: int  # log-spaced, plus step 0 and the end
+    every: int | None  # plus a snapshot every this many steps (induction forms mid-run)
     chains: int
     draws: int
     probe_per_domain: int
     train_windows: int
 
 
-MODES = {"quick": Mode(steps=400, snapshots=3, chains=1, draws=20, probe_per_domain=4,
-                       train_windows=4096),
-         "default": Mode(steps=1200, snapshots=6, chains=2, draws=30, probe_per_domain=8,
-                         train_windows=16384),
-         "full": Mode(steps=5000, snapshots=16, chains=4, draws=100, probe_per_domain=32,
-                      train_windows=65536)}
+MODES = {"quick": Mode(steps=900, snapshots=3, every=None, chains=1, draws=20,
+                       probe_per_domain=4, train_windows=8192),
+         "default": Mode(steps=2500, snapshots=6, every=500, chains=2, draws=30,
+                         probe_per_domain=8, train_windows=32768),
+         "full": Mode(steps=6000, snapshots=16, every=250, chains=4, draws=100,
+                      probe_per_domain=32, train_windows=131072)}
 
 
 class Windows(torch.utils.data.Dataset):
@@ -171,7 +172,8 @@ def main() -> None:
         n_layer=2, n_head=8, n_embd=128, n_positions=CONTEXT, vocab_size=len(tokenizer),
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    schedule = Schedule(log_spaced=mode.snapshots, at_start=True, at_end=True)
+    schedule = Schedule(log_spaced=mode.snapshots, every=mode.every, at_start=True,
+                        at_end=True)
     susceptibility = SusceptibilityCallback(
         probe, components="heads", schedule=schedule, log_dir=log_dir,
         config=SGLDConfig(num_chains=mode.chains, num_draws=mode.draws, batch_size=16,
