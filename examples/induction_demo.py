@@ -123,31 +123,34 @@ def summarize(results, head_history: dict, tags: list[str]) -> dict:
                  "layer0": pc_separation(result, previous_token, layer=0),
                  "layer1": pc_separation(result, induction, layer=1)}
         timeline.append(entry)
-    separated = [e["step"] for e in timeline
-                 if any(pc["margin"] > 0 for pc in e["whole_model"])]
+    first = {scope: next((e["step"] for e in timeline
+                          if any(pc["margin"] > 0 for pc in e[scope])), None)
+             for scope in ("whole_model", "layer0", "layer1")}
     return {"threshold": THRESHOLD,
             "prefix_matching": dict(zip(names, np.round(prefix, 3).tolist())),
             "previous_token": dict(zip(names, np.round(previous, 3).tolist())),
             "induction_heads": sorted(induction), "previous_token_heads": sorted(previous_token),
-            "first_step_a_top_pc_separates_the_circuit": separated[0] if separated else None,
+            "first_step_a_top_pc_separates_the_group": first,
             "tag_scores_final": tag_scores(results[-1], tags), "timeline": timeline}
 
 
 def print_summary(summary: dict) -> None:
     print(f"\ninduction heads (prefix matching >= {THRESHOLD}): {summary['induction_heads']}")
     print(f"previous-token heads (>= {THRESHOLD}):          {summary['previous_token_heads']}")
+    print("per snapshot: second-copy loss; for the whole model (group: both kinds), layer 0 "
+          "(previous-token heads) and layer 1 (induction heads), the top PCs' explained "
+          "variance and the best separation margin (> 0: the PC alone separates the group)")
     for entry in summary["timeline"]:
-        best = max(entry["whole_model"], key=lambda pc: np.nan_to_num(pc["margin"], nan=-9))
-        layers = "  ".join(
-            f"{key}: " + "/".join(f"{100 * pc['explained_variance']:.1f}" for pc in entry[key])
-            + "%" for key in ("layer0", "layer1"))
         loss = entry["second_copy_loss"]
-        print(f"step {entry['step']:5d}  second-copy loss "
-              f"{'n/a' if loss is None else f'{loss:.2f}'}  best PC{best['pc']} "
-              f"margin {best['margin']:+.3f} (EV {100 * best['explained_variance']:.1f}%)  "
-              f"{layers}")
-    print("first step at which a top PC separates the circuit: "
-          f"{summary['first_step_a_top_pc_separates_the_circuit']}")
+        parts = [f"step {entry['step']:5d}  loss {'n/a' if loss is None else f'{loss:.2f}'}"]
+        for scope in ("whole_model", "layer0", "layer1"):
+            pcs = entry[scope]
+            best = max(pcs, key=lambda pc: np.nan_to_num(pc["margin"], nan=-9))
+            variance = "/".join(f"{100 * pc['explained_variance']:.1f}" for pc in pcs)
+            parts.append(f"{scope} {variance}% PC{best['pc']} {best['margin']:+.3f}")
+        print("  ".join(parts))
+    print(f"first step a top PC separates the group: "
+          f"{summary['first_step_a_top_pc_separates_the_group']}")
 
 
 def main() -> None:
