@@ -26,6 +26,7 @@ import torch
 from corpus import build_corpus, repeated_sequences, tag_tokens, token_windows, train_tokenizer
 from findings import pc_separation, tag_scores
 from head_scores import HeadScoresCallback
+from toy_data import LanguageModelingData
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -59,17 +60,6 @@ MODES = {"quick": Mode(steps=900, snapshots=3, every=None, chains=1, draws=20,
                          probe_per_domain=8, train_windows=32768),
          "full": Mode(steps=6000, snapshots=16, every=250, chains=4, draws=100,
                       probe_per_domain=32, train_windows=131072)}
-
-
-class Windows(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
 def natural_windows(texts: dict[str, list[str]], tokenizer, count: int,
@@ -187,7 +177,7 @@ def main() -> None:
         learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=10,
         save_strategy="steps", save_steps=max(1, mode.steps // 2), report_to="tensorboard",
         use_cpu=not torch.cuda.is_available(), seed=args.seed, disable_tqdm=True)
-    trainer = Trainer(model=model, args=training, train_dataset=Windows(train),
+    trainer = Trainer(model=model, args=training, train_dataset=LanguageModelingData(train),
                       data_collator=default_data_collator, processing_class=tokenizer,
                       callbacks=[susceptibility, heads])
     trainer.train()
