@@ -296,3 +296,25 @@ def _free_port() -> int:
     with socket.socket() as probe_socket:
         probe_socket.bind(("127.0.0.1", 0))
         return probe_socket.getsockname()[1]
+
+
+def test_other_reporters_get_the_scalars_and_keep_their_loss_logs(tmp_path, probe, monkeypatch):
+    """A reporting integration (as wandb would be) receives each snapshot's scalars through
+    its on_log, and every step's loss log still reaches it."""
+    from transformers import TrainerCallback, integrations
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append((state.global_step, dict(logs)))
+
+    monkeypatch.setitem(integrations.INTEGRATION_TO_CALLBACK, "recorder", Recorder)
+    recorder = Recorder()
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    make_trainer(tmp_path / "out", [make_callback(probe), recorder], report_to="none").train()
+    assert [step for step, logs in recorder.logs if "llc/full" in logs] == [2, 4, 6]
+    assert [step for step, logs in recorder.logs if "loss" in logs] == [1, 2, 3, 4, 5, 6]
+    # TensorBoard reporting is off: the callback writes to output_dir/runs/<date_host> itself
+    assert len(list((tmp_path / "out" / "runs").glob("*/events.out.tfevents.*"))) == 1

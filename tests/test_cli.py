@@ -167,3 +167,39 @@ def test_clear_errors(run, tmp_path, capsys):
                      "--probe", str(long_probe), "--sampling-data",
                      str(tmp_path / "train.jsonl"), *SGLD])
     assert code == 2 and "more than the model's context" in capsys.readouterr().err
+
+
+def char_tokenizer(size: int):
+    """A character-level tokenizer of ``size`` tokens, built locally (no hub)."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = string.ascii_letters + " ():=+.,1-_" + "".join(chr(192 + i) for i in range(64))
+    alphabet = list(characters[:size - 1])
+    vocab = {"<unk>": 0, **{ch: i + 1 for i, ch in enumerate(alphabet)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
+                                   pad_token="<unk>")
+
+
+def test_text_probe_with_the_run_tokenizer(run, tmp_path, capsys):
+    char_tokenizer(VOCAB).save_pretrained(run)
+    texts = [("def f(x): return x", "code"), ("The cat sat on it.", "prose"),
+             ("if a: b = c + 1", "code"), ("A dog ran far away", "prose")]
+    (tmp_path / "probe.jsonl").write_text("\n".join(
+        json.dumps({"text": t, "dataset": d}) for t, d in texts))
+    assert analyze(run, "--checkpoints", "checkpoint-10", "--max-length", str(CONTEXT)) == 0
+    result = SusceptibilityResult.load(run / "susceptibility" / "step-10")
+    assert result.dataset_names == ["code", "prose"]
+    assert "".join(result.extra["probe_tokens"][0]) == "def f(x): return x"[:CONTEXT]
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "def f(x): return" in re.sub(r"<[^>]+>", "", page)  # the text, token by token
+
+    char_tokenizer(VOCAB + 30).save_pretrained(run)  # more tokens than the model knows
+    capsys.readouterr()
+    assert analyze(run, "--checkpoints", "checkpoint-20", "--max-length", str(CONTEXT)) == 2
+    assert "mismatched tokenizer" in capsys.readouterr().err
