@@ -54,7 +54,7 @@ class SusceptibilityPCA:
         self.standardization = standardization
 
     def fit(self, result: SusceptibilityResult) -> SusceptibilityPCA:
-        keep = ~np.isnan(result.chi).any(axis=1)
+        keep = np.isfinite(result.chi).all(axis=1)
         if keep.sum() < 2:
             raise ValueError(f"PCA needs >= 2 components with finite susceptibilities, got "
                              f"{int(keep.sum())}")
@@ -101,8 +101,9 @@ def align_loadings(loadings: np.ndarray, reference: np.ndarray) -> tuple[np.ndar
     one-to-one assignment); PCs beyond the reference keep their relative order.
     """
     reference = reference[:len(loadings)]
-    a = loadings / np.linalg.norm(loadings, axis=1, keepdims=True)
-    b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    tiny = np.finfo(np.float64).tiny  # a PC with no weight on the compared components
+    a = loadings / np.maximum(np.linalg.norm(loadings, axis=1, keepdims=True), tiny)
+    b = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), tiny)
     cosine = b @ a.T
     ref_rows, rows = linear_sum_assignment(-np.abs(cosine))
     order = np.empty(len(ref_rows), dtype=np.int64)

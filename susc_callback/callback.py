@@ -34,7 +34,11 @@ from susc_callback.attribution import decoder
 from susc_callback.components import as_components
 from susc_callback.config import SGLDConfig
 from susc_callback.data import LossFn, SamplingData
-from susc_callback.engine import check_inputs, estimate_susceptibilities
+from susc_callback.engine import (
+    check_inputs,
+    estimate_susceptibilities,
+    preserved_rng_state,
+)
 from susc_callback.probes import ProbeSet, probe_token_texts
 from susc_callback.results import SusceptibilityResult, merge_results
 from susc_callback.schedule import Schedule
@@ -87,8 +91,8 @@ class SusceptibilityCallback(TrainerCallback):
         if standardization not in STANDARDIZATIONS:
             raise ValueError(f"Invalid standardization {standardization!r}; valid: "
                              f"{', '.join(STANDARDIZATIONS)}")
-        if isinstance(top_tokens, bool) or not isinstance(top_tokens, int) or top_tokens < 0:
-            raise ValueError(f"top_tokens must be a non-negative integer, got {top_tokens!r}")
+        if isinstance(top_tokens, bool) or not isinstance(top_tokens, int) or top_tokens < 1:
+            raise ValueError(f"top_tokens must be a positive integer, got {top_tokens!r}")
         self.probe, self.components = probe, components
         self.config = config or SGLDConfig()
         self.schedule = Schedule.coerce(schedule)
@@ -119,19 +123,29 @@ class SusceptibilityCallback(TrainerCallback):
         self._trainer = _calling_trainer()
         self._rank, self._world = distributed.rank_and_world()
         self._main = state.is_world_process_zero
-        self._run_config = self.config if self.strict else self.config.replace(
-            on_divergence="mark")
+        self._run_config = self.config.replace(
+            on_divergence="raise" if self.strict else "mark")
         self._components = as_components(model, self.components)
-        _, self._data = check_inputs(model, self._components, self._sampling_data(
-            train_dataloader), self.probe, self._run_config, collate_fn=self.collate_fn)
+        # Collating a sampling batch may draw random numbers (e.g. an MLM collator).
+        with preserved_rng_state(next(model.parameters()).device):
+            _, self._data = check_inputs(model, self._components, self._sampling_data(
+                train_dataloader), self.probe, self._run_config, collate_fn=self.collate_fn)
         self.schedule.check(state.max_steps)
         self._planned = self.schedule.planned_steps(state.max_steps)
         self._results_dir = Path(self.output_dir or args.output_dir) / "susceptibility"
         tokenizer = _tokenizer(kwargs)
         self._decode = decoder(tokenizer)
         self._probe_tokens = probe_token_texts(self.probe, tokenizer)
-        done = self._restore_history(args, state) if self._main else None
-        self._done: set[int] = set(distributed.broadcast_from_main(done))
+        done, error = None, None
+        if self._main:
+            try:
+                done = self._restore_history(args, state)
+            except Exception as exc:  # raised below on every rank, not only on this one
+                error = exc
+        done, error = distributed.broadcast_from_main((done, error))
+        if error is not None:
+            raise error
+        self._done: set[int] = set(done)
         self._train_start, self._snapshot_seconds = time.perf_counter(), 0.0
         if 0 in self._planned and state.global_step == 0:
             self._take_snapshot(args, state, control, model, 0)
@@ -159,7 +173,15 @@ class SusceptibilityCallback(TrainerCallback):
                      control: TrainerControl, model: nn.Module | None = None,
                      **kwargs: Any) -> None:
         step = state.global_step
-        if self.schedule.at_end and step not in self._done:
+        best = getattr(state, "best_global_step", None)
+        best_loaded = args.load_best_model_at_end and best not in (None, step)
+        if self.schedule.at_end and step not in self._done and best_loaded:
+            if self._main:
+                warnings.warn(f"No at-end susceptibility snapshot: the Trainer loaded the best "
+                              f"model (step {best}) before training ended, "
+                              f"so the weights of step {step} are gone", UserWarning,
+                              stacklevel=2)
+        elif self.schedule.at_end and step not in self._done:
             self._take_snapshot(args, state, control, model, step)
             if self._main:
                 self._copy_into_checkpoint(args, step)
@@ -185,14 +207,14 @@ class SusceptibilityCallback(TrainerCallback):
         errors = {rank: e for rank, (_, e) in enumerate(gathered) if e is not None}
         self._done.add(step)
         if not errors and self._main:
-            result = merge_results([p for p, _ in gathered if p is not None],
-                                   [c.name for c in self._components])
             try:
+                result = merge_results([p for p, _ in gathered if p is not None],
+                                       [c.name for c in self._components])
                 self._publish(args, state, control, result, time.perf_counter() - start)
             except Exception:
                 errors[self._rank] = traceback.format_exc()
-        failed = distributed.broadcast_from_main(bool(errors))
-        if failed:
+        errors = distributed.broadcast_from_main(errors)  # every rank reports the same
+        if errors:
             self._report_failure(step, errors)
 
     def _publish(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

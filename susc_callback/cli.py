@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from susc_callback.analysis import STANDARDIZATIONS, compare_results
 from susc_callback.attribution import stored_decoder
 from susc_callback.config import SGLDConfig
-from susc_callback.engine import estimate_susceptibilities
+from susc_callback.engine import ChainDivergedError, estimate_susceptibilities
 from susc_callback.probes import ProbeSet, probe_token_texts
 from susc_callback.report import write_report
 from susc_callback.results import SusceptibilityResult
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (CommandError, ValueError, FileNotFoundError, TypeError) as error:
+    except (CommandError, ValueError, OSError) as error:
         print(f"susc {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -76,15 +76,15 @@ def analyze(args: argparse.Namespace) -> int:
             components = args.components
             result = estimate_susceptibilities(model, components, sampling.tensors, probe,
                                                config, step=step)
-        except CommandError as error:
+        except (CommandError, ChainDivergedError) as error:
             if not args.keep_going:
-                raise
+                raise CommandError(str(error)) from error
             failures.append(f"{path.name}: {error}")
             print(f"step {step}: skipped, {error}", file=sys.stderr)
             continue
         except ValueError as error:
             raise CommandError(f"{path}: {error}") from error
-        result.extra.update(checkpoint=str(path),
+        result.extra.update(checkpoint=str(path), components=args.components or "heads",
                             probe_tokens=probe_token_texts(probe, tokenizer))
         result.save(target)
         print(f"step {step}: saved {target}")
@@ -199,6 +199,7 @@ def _config(args: argparse.Namespace) -> SGLDConfig:
     values = json.loads(Path(args.config).read_text()) if args.config else {}
     values.update({k: getattr(args, k) for k in _SGLD_FLAGS if getattr(args, k) is not None})
     values["progress"] = False if args.no_progress else None
+    values.setdefault("on_divergence", "mark")  # a diverged head is saved as failed
     if args.device:
         values["device"] = args.device
     return SGLDConfig.from_dict(values)
@@ -208,6 +209,9 @@ def _check_saved(target: Path, config: SGLDConfig, args: argparse.Namespace,
                  probe: ProbeSet) -> None:
     saved = SusceptibilityResult.load(target)
     check_same_settings(saved, config, saved.component_names, target)
+    if saved.extra.get("components") not in (None, args.components or "heads"):
+        raise CommandError(f"{target} holds components {saved.extra['components']!r}, not "
+                           f"{args.components or 'heads'!r}; use --force to recompute the series")
     if not np.array_equal(saved.probe_input_ids, probe.input_ids.numpy()):
         raise CommandError(f"{target} was computed on another probe set; use --force to "
                            "recompute the series")
@@ -239,8 +243,7 @@ def report(args: argparse.Namespace) -> int:
                                            else source.parent / f"{source.name}-report")
     tokenizer = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = _load_tokenizer(args.tokenizer, source, {})
     path = write_report(results, out, tokenizer=tokenizer, step=args.step, n_pcs=args.n_pcs,
                         standardization=args.standardization,
                         title=f"Susceptibilities: {source.resolve().name}")
@@ -251,8 +254,9 @@ def report(args: argparse.Namespace) -> int:
 def load_results(source: Path) -> list[SusceptibilityResult]:
     """One saved result, or every snapshot of a run (``RUN/susceptibility/step-*``) or of a
     results folder (``.../susceptibility``)."""
-    if (source / "meta.json").is_file():
-        return [SusceptibilityResult.load(source)]
+    for single in (source, source / "susceptibility"):  # a result, or a checkpoint's copy
+        if (single / "meta.json").is_file():
+            return [SusceptibilityResult.load(single)]
     for root in (source / "susceptibility", source):
         steps = saved_steps(root)
         if steps:
@@ -319,8 +323,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _analysis_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n-pcs", type=int, default=3)
+    parser.add_argument("--n-pcs", type=_positive_int, default=3)
     parser.add_argument("--standardization", choices=STANDARDIZATIONS,
                         default="structural-inference")
 

@@ -101,11 +101,11 @@ def estimate_susceptibilities(
         negative entries mean the component expresses the token's pattern.
     """
     config = config or SGLDConfig()
-    resolved, data = check_inputs(model, components, sampling_data, probe, config,
-                                  collate_fn=collate_fn)
     device = torch.device(config.device) if config.device else _model_device(model)
     # Gradients are needed even when the caller is inside no_grad() or inference_mode().
     with preserved_rng_state(device), torch.inference_mode(False), torch.enable_grad():
+        resolved, data = check_inputs(model, components, sampling_data, probe, config,
+                                      collate_fn=collate_fn)  # collating may draw randoms
         snapshot = _float32_snapshot(model, device)
         run = _Run(snapshot, resolved, data, probe, config, loss_fn, device)
         return run.execute(step)

@@ -123,9 +123,12 @@ def _figures(results: list[SusceptibilityResult], shown: SusceptibilityResult, n
                     f"PC{i + 1} loadings over training", "loading"))
         figures["dataset_trajectory"] = ("Probe datasets' mean scores on each snapshot's "
                                          "aligned PC1 and PC2.", trajectory_figure(series))
-        common = CommonBasisPCA(n_pcs, standardization).fit(timed)
+        try:
+            common = CommonBasisPCA(n_pcs, standardization).fit(timed)
+        except ValueError:  # < 2 components finite in every snapshot: no common basis
+            common = None
         token_datasets = [r.token_dataset for r in timed]
-        for pcs in ((0, 1), (1, 2)):
+        for pcs in ((0, 1), (1, 2)) if common is not None else ():
             for colour in ("step", "dataset"):
                 name = f"tokens_pc{pcs[0] + 1}_pc{pcs[1] + 1}_by_{colour}"
                 figures[name] = (
@@ -235,7 +238,7 @@ def _top_tokens_table(result: SusceptibilityResult, texts: list[list[str]], k: i
             for i in indices:
                 s, t = int(result.token_sequence[i]), int(result.token_position[i])
                 context = "".join(texts[s][max(0, t - 5):t + 1])
-                token = html.escape(texts[s][t + 1])
+                token = html.escape(texts[s][t + 1] if t + 1 < len(texts[s]) else f"#{t}")
                 items.append(f"<code>{html.escape(context)}</code><b>[{token}]</b> "
                              f"{result.chi[row, i]:+.3g}")
             cells.append("<br>".join(items) or "(failed)")

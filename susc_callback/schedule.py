@@ -32,7 +32,8 @@ class Schedule:
     def __post_init__(self) -> None:
         for name in ("every", "log_spaced"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or
+                                      not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"Schedule.{name} must be a positive integer or None, "
                                  f"got {value!r}")
         steps = tuple(self.steps)

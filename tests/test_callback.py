@@ -318,3 +318,24 @@ def test_other_reporters_get_the_scalars_and_keep_their_loss_logs(tmp_path, prob
     assert [step for step, logs in recorder.logs if "loss" in logs] == [1, 2, 3, 4, 5, 6]
     # TensorBoard reporting is off: the callback writes to output_dir/runs/<date_host> itself
     assert len(list((tmp_path / "out" / "runs").glob("*/events.out.tfevents.*"))) == 1
+
+
+def test_a_random_collator_does_not_move_the_global_rng(tmp_path, probe):
+    """The default sampling data goes through the Trainer's collator, which may draw random
+    numbers (MLM masking): the callback's checks and snapshots must not move the RNG."""
+    from transformers import default_data_collator
+
+    def random_collator(examples):
+        torch.rand(1)  # as an MLM collator would
+        return default_data_collator(examples)
+
+    def run(callbacks):
+        trainer = make_trainer(tmp_path / f"out{len(callbacks)}", callbacks)
+        trainer.data_collator = random_collator
+        trainer.train()
+        return trainer
+
+    plain, watched = run([]), run([make_callback(probe, tmp_path / "tb")])
+    assert losses(plain) == losses(watched)
+    for a, b in zip(plain.model.parameters(), watched.model.parameters()):
+        assert torch.equal(a, b)

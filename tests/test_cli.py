@@ -203,3 +203,34 @@ def test_text_probe_with_the_run_tokenizer(run, tmp_path, capsys):
     capsys.readouterr()
     assert analyze(run, "--checkpoints", "checkpoint-20", "--max-length", str(CONTEXT)) == 2
     assert "mismatched tokenizer" in capsys.readouterr().err
+
+
+def test_analysis_refuses_other_components_in_the_series(run, capsys):
+    assert analyze(run, "--checkpoints", "checkpoint-10") == 0
+    assert analyze(run, "--checkpoints", "checkpoint-10", "--components", "mlp") == 2
+    assert "holds components 'heads', not 'mlp'" in capsys.readouterr().err
+
+
+def test_report_survives_components_failing_at_different_steps(tmp_path):
+    """No component is finite at every step: the common-basis figures are left out, the
+    rest of the report is written."""
+    from susc_callback.report import write_report
+
+    results = []
+    for step, broken in ((1, None), (2, 2), (3, 0)):
+        rng = np.random.default_rng(step)
+        chi = rng.normal(size=(3, 8))
+        failed = {}
+        if broken is not None:
+            chi[broken] = np.nan
+            failed = {f"h{broken}": "diverged"}
+        results.append(SusceptibilityResult(
+            component_names=["h0", "h1", "h2"], chi=chi, dataset_names=["a"],
+            dataset_chi=np.nanmean(chi, axis=1, keepdims=True), rllc=np.ones(3),
+            llc_full=1.0, mean_phi=np.ones(3), anchor_loss=np.ones(3),
+            loss_traces=np.ones((3, 1, 1)), full_loss_trace=np.ones((1, 1)),
+            token_sequence=np.zeros(8, np.int64), token_position=np.arange(8),
+            probe_input_ids=np.arange(9)[None], probe_attention_mask=np.ones((1, 9), np.int64),
+            sequence_datasets=["a"], config={}, step=step, failed=failed))
+    page = write_report(results, tmp_path / "report").read_text()
+    assert "explained_variance" in page and "tokens_pc1_pc2" not in page
