@@ -121,6 +121,11 @@ class SusceptibilityCallback(TrainerCallback):
         if model is None:
             raise ValueError("SusceptibilityCallback needs the model: the Trainer passed none")
         self._trainer = _calling_trainer()
+        if _shards_parameters(self._trainer):
+            raise ValueError("SusceptibilityCallback does not support FSDP or DeepSpeed ZeRO-3: "
+                             "each process holds only a shard of the weights, so there is no "
+                             "model to snapshot; train with DDP, or analyse the saved "
+                             "checkpoints afterwards with `susc analyze`")
         self._rank, self._world = distributed.rank_and_world()
         self._main = state.is_world_process_zero
         self._run_config = self.config.replace(
@@ -336,6 +341,17 @@ def _calling_trainer() -> Trainer | None:
             return candidate
         frame = frame.f_back
     return None
+
+
+def _shards_parameters(trainer: Trainer | None) -> bool:
+    """Whether the Trainer shards parameters across processes (FSDP, DeepSpeed ZeRO-3)."""
+    if trainer is None:
+        return False
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
+    return bool(getattr(trainer, "is_deepspeed_enabled", False)) and \
+        getattr(plugin, "zero_stage", None) == 3
 
 
 def _tensorboard_integration(trainer: Trainer | None) -> TrainerCallback | None:

@@ -30,7 +30,12 @@ from susc_callback.probes import ProbeSet, probe_token_texts
 from susc_callback.report import write_report
 from susc_callback.results import SusceptibilityResult
 from susc_callback.series import SnapshotSeries, check_same_settings, saved_steps, step_dir
-from susc_callback.tensorboard import TensorBoardLogger, drop_events_after, snapshot_scalars
+from susc_callback.tensorboard import (
+    TensorBoardLogger,
+    drop_events_after,
+    remove_projector,
+    snapshot_scalars,
+)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _SGLD_FLAGS = {"step_size": float, "n_beta": float, "gamma": float, "num_chains": int,
@@ -221,6 +226,7 @@ def _write_tensorboard(results_dir: Path, log_dir: Path, n_pcs: int,
                        standardization: str) -> None:
     """Rebuild the analysis's TensorBoard run from every saved result (idempotent)."""
     drop_events_after(log_dir, None)
+    remove_projector(log_dir)
     logger, series = TensorBoardLogger(log_dir), SnapshotSeries(n_pcs, standardization)
     try:
         for path in saved_steps(results_dir).values():

@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import TwoSlopeNorm
+from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from susc_callback.analysis import CommonBasisPCA, SusceptibilityPCA
 from susc_callback.results import SusceptibilityResult
 from susc_callback.series import SnapshotSeries
 
+NEGATIVE_RGB, POSITIVE_RGB = (215, 48, 39), (26, 152, 80)
+"""Red for negative (the component expresses the pattern), green for positive."""
+SUSCEPTIBILITY_COLOURS = LinearSegmentedColormap.from_list(
+    "susceptibility", [tuple(c / 255 for c in NEGATIVE_RGB), (1.0, 1.0, 1.0),
+                       tuple(c / 255 for c in POSITIVE_RGB)])
+
 
 def heatmap_figure(result: SusceptibilityResult) -> Figure:
-    """Components x probe datasets: mean susceptibility, red < 0 (expresses) < blue."""
+    """Components x probe datasets: mean susceptibility, red < 0 (expresses), white 0,
+    green > 0 (suppresses): the colours of the report's token view."""
     values = result.dataset_chi
     figure = Figure(figsize=(1.6 + 1.1 * len(result.dataset_names),
                              1.2 + 0.28 * len(result.component_names)), layout="constrained")
     axes = figure.add_subplot()
     limit = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
-    image = axes.imshow(values, aspect="auto", cmap="RdBu",
+    image = axes.imshow(values, aspect="auto", cmap=SUSCEPTIBILITY_COLOURS,
                         norm=TwoSlopeNorm(0.0, -limit or -1.0, limit or 1.0))
     axes.set_xticks(range(len(result.dataset_names)), result.dataset_names, rotation=30,
                     ha="right")
@@ -43,7 +50,7 @@ def loadings_figure(pca: SusceptibilityPCA, step: int | None = None) -> Figure:
     for k, axes in enumerate(axes_list):
         loadings = pca.loadings_[k]
         axes.bar(range(len(names)), loadings,
-                 color=np.where(loadings < 0, "tab:red", "tab:blue"))
+                 color=np.where(loadings < 0, "tab:red", "tab:green"))
         axes.axhline(0.0, color="black", linewidth=0.6)
         axes.set_ylabel(f"PC{k + 1}\n{100 * pca.explained_variance_ratio_[k]:.1f}%")
     axes_list[-1].set_xticks(range(len(names)), names, rotation=90)

@@ -26,6 +26,8 @@ from susc_callback.analysis import (
 )
 from susc_callback.attribution import extreme_tokens
 from susc_callback.figures import (
+    NEGATIVE_RGB,
+    POSITIVE_RGB,
     curves_figure,
     heatmap_figure,
     loadings_figure,
@@ -34,9 +36,6 @@ from susc_callback.figures import (
 )
 from susc_callback.results import SusceptibilityResult
 from susc_callback.series import SnapshotSeries
-
-POSITIVE_RGB = (26, 152, 80)
-NEGATIVE_RGB = (215, 48, 39)
 
 
 def token_colour(value: float, scale: float) -> tuple[int, int, int]:
@@ -98,7 +97,7 @@ def _figures(results: list[SusceptibilityResult], shown: SusceptibilityResult, n
              standardization: Standardization) -> dict[str, tuple[str, Figure]]:
     figures: dict[str, tuple[str, Figure]] = {
         "heatmap": ("Mean susceptibility of each component on each probe dataset "
-                    "(red: expresses, blue: suppresses).", heatmap_figure(shown))}
+                    "(red: expresses, green: suppresses).", heatmap_figure(shown))}
     if _finite_components(shown) >= 2:
         pca = SusceptibilityPCA(n_pcs, standardization).fit(shown)
         figures["pc_loadings"] = (f"PC loadings of step {shown.step} ({standardization}).",

@@ -9,12 +9,14 @@ Tags (``{c}`` a component, ``{d}`` a probe dataset, ``{k}`` a PC number from 1):
 * ``snapshot/seconds``, ``snapshot/time_share`` (snapshot time / training time so far),
   ``snapshot/failed_components``;
 * images ``figures/heatmap``, ``figures/pc_loadings``, ``figures/trajectory_pc1_pc2``;
-  text ``tokens/top``; projector tensor ``susceptibility`` (the latest per-token vectors).
+  text ``tokens/top``; projector tensor ``susceptibility``: per snapshot, one point per
+  probe token (its vector over components), for the snapshots of this writer's session.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +168,12 @@ def _keep(record: bytes, last_step: int | None) -> bool:
     if event.HasField("file_version"):
         return True
     return last_step is not None and event.step <= last_step
+
+
+def remove_projector(log_dir: str | Path) -> None:
+    """Delete this library's projector files (config and per-step embedding folders) from
+    ``log_dir``, before a run directory is rebuilt from saved results."""
+    log_dir = Path(log_dir)
+    (log_dir / "projector_config.pbtxt").unlink(missing_ok=True)
+    for folder in log_dir.glob("[0-9]*/susceptibility"):
+        shutil.rmtree(folder)

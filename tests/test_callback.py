@@ -339,3 +339,19 @@ def test_a_random_collator_does_not_move_the_global_rng(tmp_path, probe):
     assert losses(plain) == losses(watched)
     for a, b in zip(plain.model.parameters(), watched.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_sharded_training_is_recognised():
+    from types import SimpleNamespace as Fake
+
+    from susc_callback.callback import _shards_parameters
+
+    def deepspeed(stage):
+        plugin = Fake(zero_stage=stage)
+        return Fake(is_fsdp_enabled=False, is_deepspeed_enabled=True,
+                    accelerator=Fake(state=Fake(deepspeed_plugin=plugin)))
+
+    assert _shards_parameters(Fake(is_fsdp_enabled=True, accelerator=Fake()))
+    assert _shards_parameters(deepspeed(3))
+    assert not _shards_parameters(deepspeed(2))
+    assert not _shards_parameters(None)
