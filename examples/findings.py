@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from susc_callback import SusceptibilityPCA, SusceptibilityResult
+from susc_callback.analysis import Standardization
 
 
 def separation_margin(loadings: np.ndarray, names: list[str], group: set[str]) -> float:
@@ -42,10 +43,11 @@ def restrict(result: SusceptibilityResult, layer: int) -> SusceptibilityResult:
 
 
 def pc_separation(result: SusceptibilityResult, group: set[str], n_pcs: int = 3,
-                  layer: int | None = None) -> list[dict]:
+                  layer: int | None = None,
+                  standardization: Standardization = "structural-inference") -> list[dict]:
     """Per top PC: explained variance, the group's margin, and the loadings."""
     subset = result if layer is None else restrict(result, layer)
-    pca = SusceptibilityPCA(n_pcs, "structural-inference").fit(subset)
+    pca = SusceptibilityPCA(n_pcs, standardization).fit(subset)
     names = pca.component_names_
     in_scope = group & set(names)
     return [{"pc": k + 1, "explained_variance": float(pca.explained_variance_ratio_[k]),

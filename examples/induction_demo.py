@@ -41,6 +41,9 @@ from susc_callback.cli import load_results
 from susc_callback.report import write_report
 
 CONTEXT, VOCAB_SIZE, THRESHOLD = 64, 512, 0.3
+SCOPES = ("whole_model", "layer0", "layer1", "layer0_spectroscopy", "layer1_spectroscopy")
+"""Where separation is measured: structural-inference PCA of the whole model and of each
+layer's heads, and spectroscopy PCA of each layer's heads."""
 
 
 @dataclass(frozen=True)
@@ -111,11 +114,15 @@ def summarize(results, head_history: dict, tags: list[str]) -> dict:
                  "second_copy_loss": float(scores["second_copy_loss"]) if scores else None,
                  "whole_model": pc_separation(result, circuit),
                  "layer0": pc_separation(result, previous_token, layer=0),
-                 "layer1": pc_separation(result, induction, layer=1)}
+                 "layer1": pc_separation(result, induction, layer=1),
+                 "layer0_spectroscopy": pc_separation(result, previous_token, layer=0,
+                                                      standardization="spectroscopy"),
+                 "layer1_spectroscopy": pc_separation(result, induction, layer=1,
+                                                      standardization="spectroscopy")}
         timeline.append(entry)
     first = {scope: next((e["step"] for e in timeline
                           if any(pc["margin"] > 0 for pc in e[scope])), None)
-             for scope in ("whole_model", "layer0", "layer1")}
+             for scope in SCOPES}
     return {"threshold": THRESHOLD,
             "prefix_matching": dict(zip(names, np.round(prefix, 3).tolist())),
             "previous_token": dict(zip(names, np.round(previous, 3).tolist())),
@@ -127,13 +134,13 @@ def summarize(results, head_history: dict, tags: list[str]) -> dict:
 def print_summary(summary: dict) -> None:
     print(f"\ninduction heads (prefix matching >= {THRESHOLD}): {summary['induction_heads']}")
     print(f"previous-token heads (>= {THRESHOLD}):          {summary['previous_token_heads']}")
-    print("per snapshot: second-copy loss; for the whole model (group: both kinds), layer 0 "
-          "(previous-token heads) and layer 1 (induction heads), the top PCs' explained "
+    print("per snapshot: second-copy loss; for each scope (whole model, group: both kinds; "
+          "layer 0: previous-token heads; layer 1: induction heads), the top PCs' explained "
           "variance and the best separation margin (> 0: the PC alone separates the group)")
     for entry in summary["timeline"]:
         loss = entry["second_copy_loss"]
         parts = [f"step {entry['step']:5d}  loss {'n/a' if loss is None else f'{loss:.2f}'}"]
-        for scope in ("whole_model", "layer0", "layer1"):
+        for scope in SCOPES:
             pcs = entry[scope]
             best = max(pcs, key=lambda pc: np.nan_to_num(pc["margin"], nan=-9))
             variance = "/".join(f"{100 * pc['explained_variance']:.1f}" for pc in pcs)
