@@ -283,16 +283,16 @@ class SusceptibilityCallback(TrainerCallback):
         resumed = state.global_step
         saved = saved_steps(self._results_dir)
         kept = {s: p for s, p in saved.items() if resumed > 0 and s <= resumed}
-        orphans = [p for s, p in saved.items() if s not in kept]
-        if orphans:
-            self._set_aside(orphans)
         self._series = SnapshotSeries(self.n_pcs, self.standardization)
-        for path in kept.values():
+        for path in kept.values():  # checked before anything on disk changes
             result = SusceptibilityResult.load(path)
             check_same_settings(result, self._run_config,
                                 [c.name for c in self._components], path)
             if _finite_rows(result) >= 2:
                 self._series.add(result)
+        orphans = [p for s, p in saved.items() if s not in kept]
+        if orphans:
+            self._set_aside(orphans)
         log_dir = self._tensorboard_dir(args)
         dropped = drop_events_after(log_dir, resumed if resumed > 0 else None)
         if dropped:

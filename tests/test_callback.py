@@ -164,6 +164,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, probe):
     with pytest.raises(ValueError, match="other components or SGLD settings"):
         make_trainer(out, [changed], max_steps=4, save_steps=2).train(
             resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert sorted(saved_steps(out / "susceptibility")) == [2, 4]  # a refusal changes nothing
 
 
 def test_a_diverging_component_is_marked_and_training_goes_on(tmp_path, probe):

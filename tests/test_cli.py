@@ -226,7 +226,7 @@ def test_report_survives_components_failing_at_different_steps(tmp_path):
             failed = {f"h{broken}": "diverged"}
         results.append(SusceptibilityResult(
             component_names=["h0", "h1", "h2"], chi=chi, dataset_names=["a"],
-            dataset_chi=np.nanmean(chi, axis=1, keepdims=True), rllc=np.ones(3),
+            dataset_chi=chi.mean(axis=1, keepdims=True), rllc=np.ones(3),
             llc_full=1.0, mean_phi=np.ones(3), anchor_loss=np.ones(3),
             loss_traces=np.ones((3, 1, 1)), full_loss_trace=np.ones((1, 1)),
             token_sequence=np.zeros(8, np.int64), token_position=np.arange(8),
