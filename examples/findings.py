@@ -32,14 +32,7 @@ def layer_of(name: str) -> int:
 
 def restrict(result: SusceptibilityResult, layer: int) -> SusceptibilityResult:
     """The result with only the heads of one layer (for per-layer PCA, as in the paper)."""
-    from dataclasses import replace
-
-    rows = [i for i, n in enumerate(result.component_names) if layer_of(n) == layer]
-    return replace(result, component_names=[result.component_names[i] for i in rows],
-                   chi=result.chi[rows], dataset_chi=result.dataset_chi[rows],
-                   rllc=result.rllc[rows], mean_phi=result.mean_phi[rows],
-                   anchor_loss=result.anchor_loss[rows], loss_traces=result.loss_traces[rows],
-                   failed={n: r for n, r in result.failed.items() if layer_of(n) == layer})
+    return result.subset([n for n in result.component_names if layer_of(n) == layer])
 
 
 def pc_separation(result: SusceptibilityResult, group: set[str], n_pcs: int = 3,

@@ -54,7 +54,7 @@ class SusceptibilityPCA:
         self.standardization = standardization
 
     def fit(self, result: SusceptibilityResult) -> SusceptibilityPCA:
-        keep = np.isfinite(result.chi).all(axis=1)
+        keep = result.finite_components
         if keep.sum() < 2:
             raise ValueError(f"PCA needs >= 2 components with finite susceptibilities, got "
                              f"{int(keep.sum())}")
@@ -137,7 +137,7 @@ class CommonBasisPCA:
             raise ValueError("CommonBasisPCA needs at least one result")
         names = [n for n in results[0].component_names
                  if all(n in r.component_names and
-                        np.isfinite(r.chi[r.component_names.index(n)]).all() for r in results)]
+                        r.finite_components[r.component_names.index(n)] for r in results)]
         if len(names) < 2:
             raise ValueError(f"A common basis needs >= 2 components finite in every snapshot, "
                              f"got {names}")

@@ -228,7 +228,7 @@ class SusceptibilityCallback(TrainerCallback):
         if self._probe_tokens is not None:
             result.extra["probe_tokens"] = self._probe_tokens
         result.save(step_dir(self._results_dir, result.step))
-        pca = self._series.add(result) if _finite_rows(result) >= 2 else None
+        pca = self._series.add(result)
         self._snapshot_seconds += seconds
         elapsed = time.perf_counter() - self._train_start
         scalars = snapshot_scalars(result, pca)
@@ -288,8 +288,7 @@ class SusceptibilityCallback(TrainerCallback):
             result = SusceptibilityResult.load(path)
             check_same_settings(result, self._run_config,
                                 [c.name for c in self._components], path)
-            if _finite_rows(result) >= 2:
-                self._series.add(result)
+            self._series.add(result)
         orphans = [p for s, p in saved.items() if s not in kept]
         if orphans:
             self._set_aside(orphans)
@@ -376,7 +375,3 @@ def _tokenizer(event_kwargs: dict) -> Any:
         if candidate is not None and hasattr(candidate, "decode"):
             return candidate
     return None
-
-
-def _finite_rows(result: SusceptibilityResult) -> int:
-    return int(sum(name not in result.failed for name in result.component_names))

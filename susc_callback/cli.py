@@ -231,7 +231,7 @@ def _write_tensorboard(results_dir: Path, log_dir: Path, n_pcs: int,
     try:
         for path in saved_steps(results_dir).values():
             result = SusceptibilityResult.load(path)
-            pca = series.add(result) if np.isfinite(result.chi).all(axis=1).sum() >= 2 else None
+            pca = series.add(result)
             logger.log_snapshot(result, pca, series, snapshot_scalars(result, pca),
                                 stored_decoder(result))
     finally:

@@ -98,11 +98,11 @@ def _figures(results: list[SusceptibilityResult], shown: SusceptibilityResult, n
     figures: dict[str, tuple[str, Figure]] = {
         "heatmap": ("Mean susceptibility of each component on each probe dataset "
                     "(red: expresses, green: suppresses).", heatmap_figure(shown))}
-    if _finite_components(shown) >= 2:
+    if shown.finite_components.sum() >= 2:
         pca = SusceptibilityPCA(n_pcs, standardization).fit(shown)
         figures["pc_loadings"] = (f"PC loadings of step {shown.step} ({standardization}).",
                                   loadings_figure(pca, shown.step))
-    timed = [r for r in results if r.step is not None and _finite_components(r) >= 2]
+    timed = [r for r in results if r.step is not None and r.finite_components.sum() >= 2]
     if len(timed) >= 2:
         series = SnapshotSeries(n_pcs, standardization)
         for result in timed:
@@ -155,10 +155,6 @@ def _row(result: SusceptibilityResult, field: str, name: str) -> float:
     return float(getattr(result, field)[result.component_names.index(name)])
 
 
-def _finite_components(result: SusceptibilityResult) -> int:
-    return int(np.isfinite(result.chi).all(axis=1).sum())
-
-
 def _header(title: str, results: list[SusceptibilityResult], shown: SusceptibilityResult,
             standardization: str) -> str:
     config = ", ".join(f"{k}={v}" for k, v in shown.config.items()
@@ -175,8 +171,7 @@ def _header(title: str, results: list[SusceptibilityResult], shown: Susceptibili
 def _token_view(result: SusceptibilityResult, texts: list[list[str]],
                 standardization: Standardization) -> str:
     """Every probe sequence with each predicted token shaded, one block per component."""
-    finite = [i for i in range(len(result.component_names))
-              if np.isfinite(result.chi[i]).all()]
+    finite = list(np.flatnonzero(result.finite_components))
     values = np.full(result.chi.shape, np.nan)
     if finite:
         values[finite] = standardize(result.chi[finite], standardization).T

@@ -73,9 +73,26 @@ class SusceptibilityResult:
         return per_sequence[self.token_sequence]
 
     @property
+    def finite_components(self) -> np.ndarray:
+        """``(C,)`` bool: components whose susceptibilities are all finite (a failed
+        component's row is NaN)."""
+        return np.isfinite(self.chi).all(axis=1)
+
+    @property
     def target_token_ids(self) -> np.ndarray:
         """``(P,)`` id of the token each probe token predicts."""
         return self.probe_input_ids[self.token_sequence, self.token_position + 1]
+
+    def subset(self, names: list[str]) -> SusceptibilityResult:
+        """The result restricted to the components ``names``, in that order (e.g. one
+        layer's heads, for a per-layer PCA)."""
+        unknown = [n for n in names if n not in self.component_names]
+        if unknown:
+            raise ValueError(f"Unknown components {unknown}; have {self.component_names}")
+        rows = [self.component_names.index(n) for n in names]
+        return replace(self, component_names=list(names),
+                       failed={n: r for n, r in self.failed.items() if n in names},
+                       **{key: getattr(self, key)[rows] for key in _PER_COMPONENT})
 
     def save(self, path: str | Path) -> Path:
         """Write ``arrays.safetensors`` and ``meta.json`` into directory ``path``.

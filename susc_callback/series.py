@@ -57,13 +57,16 @@ class SnapshotSeries:
         self.n_pcs, self.standardization = n_pcs, standardization
         self.pcas: dict[int, SusceptibilityPCA] = {}
 
-    def add(self, result: SusceptibilityResult) -> SusceptibilityPCA:
-        """Fit the PCA of ``result`` (its ``step`` must be set and later than any added)."""
+    def add(self, result: SusceptibilityResult) -> SusceptibilityPCA | None:
+        """Fit the PCA of ``result`` (its ``step`` must be set and later than any added).
+        None, and nothing added, when fewer than 2 components are finite: no PCs exist."""
         if result.step is None:
             raise ValueError("A result needs its training step to join a series")
         if self.pcas and result.step <= max(self.pcas):
             raise ValueError(f"Snapshot at step {result.step} is not after the last one "
                              f"(step {max(self.pcas)})")
+        if result.finite_components.sum() < 2:
+            return None
         pca = SusceptibilityPCA(self.n_pcs, self.standardization).fit(result)
         if self.pcas:
             pca.align_to(self.pcas[max(self.pcas)])

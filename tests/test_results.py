@@ -74,3 +74,22 @@ def test_result_maps_tokens_back_to_the_probe(gpt2, probe, sampling_ids, config)
     for d, name in enumerate(result.dataset_names):
         np.testing.assert_allclose(result.dataset_chi[:, d], result.chi[:, labels == name].mean(1))
     assert torch.equal(torch.as_tensor(result.probe_input_ids), ids)
+
+
+def test_subset_and_merge_take_rows_by_component(gpt2, probe, sampling_ids, config):
+    from susc_callback.results import merge_results
+
+    result = estimate_susceptibilities(gpt2, None, sampling_ids, probe, config)
+    result.chi[2] = np.nan
+    result.failed["l1h0"] = "diverged"
+    layer1 = result.subset(["l1h1", "l1h0"])
+    assert layer1.component_names == ["l1h1", "l1h0"] and layer1.failed == {"l1h0": "diverged"}
+    for key in ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces"):
+        assert np.array_equal(getattr(layer1, key), getattr(result, key)[[3, 2]],
+                              equal_nan=True), key
+    assert list(layer1.finite_components) == [True, False]
+    merged = merge_results([result.subset(["l0h1", "l1h0"]), result.subset(["l1h1", "l0h0"])],
+                           result.component_names)
+    assert np.array_equal(merged.chi, result.chi, equal_nan=True)
+    with pytest.raises(ValueError, match="Unknown components \\['l9h9'\\]"):
+        result.subset(["l9h9"])
