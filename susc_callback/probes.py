@@ -123,4 +123,9 @@ def probe_token_texts(probe: ProbeSet, tokenizer: object | None) -> list[list[st
     ids = probe.input_ids
     if tokenizer is None or ids is None:
         return None
-    return [[tokenizer.decode([int(t)]) for t in row] for row in ids.tolist()]
+    return decode_each(ids.tolist(), tokenizer)
+
+
+def decode_each(rows: Sequence[Sequence[int]], tokenizer: object) -> list[list[str]]:
+    """Every token id decoded on its own: ``[row][position]`` text."""
+    return [[tokenizer.decode([int(t)]) for t in row] for row in rows]

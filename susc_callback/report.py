@@ -34,6 +34,7 @@ from susc_callback.figures import (
     token_trajectory_figure,
     trajectory_figure,
 )
+from susc_callback.probes import decode_each
 from susc_callback.results import SusceptibilityResult
 from susc_callback.series import SnapshotSeries
 
@@ -47,8 +48,8 @@ def token_colour(value: float, scale: float) -> tuple[int, int, int]:
     return tuple(int(round(255 + weight * (c - 255))) for c in target)
 
 
-def probe_token_texts(result: SusceptibilityResult, tokenizer: object | None = None
-                      ) -> list[list[str]]:
+def _probe_texts(result: SusceptibilityResult, tokenizer: object | None
+                 ) -> list[list[str]]:
     """The text of every probe token ``[sequence][position]``: stored in the result by the
     callback and the CLI, else decoded with ``tokenizer``, else ``<id>``."""
     stored = result.extra.get("probe_tokens")
@@ -57,7 +58,7 @@ def probe_token_texts(result: SusceptibilityResult, tokenizer: object | None = N
     ids = result.probe_input_ids
     if tokenizer is None:
         return [[f"<{int(t)}>" for t in row] for row in ids]
-    return [[tokenizer.decode([int(t)]) for t in row] for row in ids]
+    return decode_each(ids, tokenizer)
 
 
 def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
@@ -78,7 +79,7 @@ def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
         raise ValueError(f"No snapshot at step {step}; available steps: {steps}")
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    texts = probe_token_texts(shown, tokenizer)
+    texts = _probe_texts(shown, tokenizer)
     figures = _figures(results, shown, n_pcs, standardization)
     sections = [
         _header(title, results, shown, standardization),
