@@ -25,15 +25,6 @@ def visible(text: str) -> str:
             .replace("\r", "\\r"))
 
 
-def decoder(tokenizer: object | None) -> Decode:
-    """Token text from a Hugging Face tokenizer (``<id>`` without one), made visible."""
-    def decode(token_id: int) -> str:
-        if tokenizer is None:
-            return f"<{int(token_id)}>"
-        return visible(tokenizer.decode([int(token_id)]))
-    return decode
-
-
 def stored_decoder(result: SusceptibilityResult) -> Decode:
     """Token text from the probe token texts stored in ``result.extra`` (see
     :func:`~susc_callback.probes.probe_token_texts`), ``<id>`` for unknown ids."""

@@ -30,7 +30,6 @@ from transformers.utils import logging
 
 from susc_callback import distributed
 from susc_callback.analysis import STANDARDIZATIONS, Standardization
-from susc_callback.attribution import decoder
 from susc_callback.components import as_components
 from susc_callback.config import SGLDConfig
 from susc_callback.data import LossFn, SamplingData
@@ -138,9 +137,7 @@ class SusceptibilityCallback(TrainerCallback):
         self.schedule.check(state.max_steps)
         self._planned = self.schedule.planned_steps(state.max_steps)
         self._results_dir = Path(self.output_dir or args.output_dir) / "susceptibility"
-        tokenizer = _tokenizer(kwargs)
-        self._decode = decoder(tokenizer)
-        self._probe_tokens = probe_token_texts(self.probe, tokenizer)
+        self._probe_tokens = probe_token_texts(self.probe, _tokenizer(kwargs))
         done, error = None, None
         if self._main:
             try:
@@ -165,11 +162,10 @@ class SusceptibilityCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 model: nn.Module | None = None, **kwargs: Any) -> None:
         step = state.global_step
-        compute = self.schedule.on_save and step not in self._done
-        if not compute and step not in self._done:
+        if step not in self._done and not self.schedule.on_save:
             return
         distributed.barrier()  # the checkpoint is complete on every rank
-        if compute:
+        if step not in self._done:
             self._take_snapshot(args, state, control, model, step)
         if self._main:
             self._copy_into_checkpoint(args, step)
@@ -179,17 +175,16 @@ class SusceptibilityCallback(TrainerCallback):
                      **kwargs: Any) -> None:
         step = state.global_step
         best = getattr(state, "best_global_step", None)
-        best_loaded = args.load_best_model_at_end and best not in (None, step)
-        if self.schedule.at_end and step not in self._done and best_loaded:
-            if self._main:
-                warnings.warn(f"No at-end susceptibility snapshot: the Trainer loaded the best "
-                              f"model (step {best}) before training ended, "
-                              f"so the weights of step {step} are gone", UserWarning,
-                              stacklevel=2)
-        elif self.schedule.at_end and step not in self._done:
-            self._take_snapshot(args, state, control, model, step)
-            if self._main:
-                self._copy_into_checkpoint(args, step)
+        if self.schedule.at_end and step not in self._done:
+            if args.load_best_model_at_end and best not in (None, step):
+                if self._main:
+                    warnings.warn(f"No at-end susceptibility snapshot: the Trainer loaded the "
+                                  f"best model (step {best}) before training ended, so the "
+                                  f"weights of step {step} are gone", UserWarning, stacklevel=2)
+            else:
+                self._take_snapshot(args, state, control, model, step)
+                if self._main:
+                    self._copy_into_checkpoint(args, step)
         if self._main:
             self._logger.close()
 
@@ -234,7 +229,7 @@ class SusceptibilityCallback(TrainerCallback):
         scalars = snapshot_scalars(result, pca)
         scalars["snapshot/seconds"] = seconds
         scalars["snapshot/time_share"] = self._snapshot_seconds / max(elapsed, 1e-9)
-        self._logger.log_snapshot(result, pca, self._series, scalars, self._decode)
+        self._logger.log_snapshot(result, pca, self._series, scalars)
         self._report_to_other_loggers(args, state, control, scalars)
         for name, reason in result.failed.items():
             logger.warning(f"Susceptibility snapshot at step {result.step}: component {name} "

@@ -23,7 +23,6 @@ import torch
 from tqdm.auto import tqdm
 
 from susc_callback.analysis import STANDARDIZATIONS, compare_results
-from susc_callback.attribution import stored_decoder
 from susc_callback.config import SGLDConfig
 from susc_callback.engine import ChainDivergedError, estimate_susceptibilities
 from susc_callback.probes import ProbeSet, probe_token_texts
@@ -232,8 +231,7 @@ def _write_tensorboard(results_dir: Path, log_dir: Path, n_pcs: int,
         for path in saved_steps(results_dir).values():
             result = SusceptibilityResult.load(path)
             pca = series.add(result)
-            logger.log_snapshot(result, pca, series, snapshot_scalars(result, pca),
-                                stored_decoder(result))
+            logger.log_snapshot(result, pca, series, snapshot_scalars(result, pca))
     finally:
         logger.close()
     print(f"TensorBoard: tensorboard --logdir {log_dir}")

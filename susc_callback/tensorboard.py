@@ -26,7 +26,12 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
 from susc_callback.analysis import SusceptibilityPCA, standardize
-from susc_callback.attribution import Decode, token_in_context, top_tokens_markdown
+from susc_callback.attribution import (
+    Decode,
+    stored_decoder,
+    token_in_context,
+    top_tokens_markdown,
+)
 from susc_callback.figures import (
     figure_to_array,
     heatmap_figure,
@@ -98,8 +103,10 @@ class TensorBoardLogger:
         return self._writer
 
     def log_snapshot(self, result: SusceptibilityResult, pca: SusceptibilityPCA | None,
-                     series: SnapshotSeries, scalars: dict[str, float], decode: Decode) -> None:
-        """Everything about the snapshot at ``result.step``."""
+                     series: SnapshotSeries, scalars: dict[str, float]) -> None:
+        """Everything about the snapshot at ``result.step`` (token text from the probe texts
+        stored in the result, ``<id>`` without them)."""
+        decode = stored_decoder(result)
         step = result.step
         writer = self.writer
         if not self._layout_written:
