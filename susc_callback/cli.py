@@ -66,18 +66,19 @@ def analyze(args: argparse.Namespace) -> int:
     probe = read_sequences(args.probe, tokenizer, args.max_length, "probe")
     sampling = read_sequences(args.sampling_data, tokenizer, args.max_length, "sampling data")
     config = _config(args)
+    components = args.components or "heads"
+    probe_texts = probe_token_texts(probe, tokenizer)
     results_dir = run_dir / "susceptibility"
     failures = []
     for step, path in tqdm(checkpoints.items(), desc="checkpoints", unit="ckpt",
                            disable=not sys.stderr.isatty()):
         target = step_dir(results_dir, step)
         if target.is_dir() and (target / "meta.json").is_file() and not args.force:
-            _check_saved(target, config, args, probe)
+            _check_saved(target, config, components, probe)
             print(f"step {step}: done already ({target})")
             continue
         try:
             model = _load_model(path, tokenizer)
-            components = args.components
             result = estimate_susceptibilities(model, components, sampling.tensors, probe,
                                                config, step=step)
         except (CommandError, ChainDivergedError) as error:
@@ -88,8 +89,8 @@ def analyze(args: argparse.Namespace) -> int:
             continue
         except ValueError as error:
             raise CommandError(f"{path}: {error}") from error
-        result.extra.update(checkpoint=str(path), components=args.components or "heads",
-                            probe_tokens=probe_token_texts(probe, tokenizer))
+        result.extra.update(checkpoint=str(path), components=components,
+                            probe_tokens=probe_texts)
         result.save(target)
         print(f"step {step}: saved {target}")
     _write_tensorboard(results_dir, Path(args.log_dir) if args.log_dir else
@@ -209,13 +210,12 @@ def _config(args: argparse.Namespace) -> SGLDConfig:
     return SGLDConfig.from_dict(values)
 
 
-def _check_saved(target: Path, config: SGLDConfig, args: argparse.Namespace,
-                 probe: ProbeSet) -> None:
+def _check_saved(target: Path, config: SGLDConfig, components: str, probe: ProbeSet) -> None:
     saved = SusceptibilityResult.load(target)
     check_same_settings(saved, config, saved.component_names, target)
-    if saved.extra.get("components") not in (None, args.components or "heads"):
+    if saved.extra.get("components") not in (None, components):
         raise CommandError(f"{target} holds components {saved.extra['components']!r}, not "
-                           f"{args.components or 'heads'!r}; use --force to recompute the series")
+                           f"{components!r}; use --force to recompute the series")
     if not np.array_equal(saved.probe_input_ids, probe.input_ids.numpy()):
         raise CommandError(f"{target} was computed on another probe set; use --force to "
                            "recompute the series")
