@@ -113,6 +113,10 @@ def token_losses(loss_fn: LossFn | None, model: nn.Module, batch: dict
     if not isinstance(losses, torch.Tensor) or losses.dim() not in (1, 2):
         raise ValueError("loss_fn must return per-sample losses of shape (batch,) or "
                          f"(batch, K), got {getattr(losses, 'shape', type(losses).__name__)}")
+    rows = batch_rows(batch)
+    if rows is not None and losses.shape[0] != rows:
+        raise ValueError(f"loss_fn returned {losses.shape[0]} per-sample losses for a batch of "
+                         f"{rows} samples; return one per sample: shape (batch,) or (batch, K)")
     if losses.dim() == 1:
         losses = losses[:, None]
         valid = None if valid is None else valid[:, None]
@@ -124,6 +128,15 @@ def token_losses(loss_fn: LossFn | None, model: nn.Module, batch: dict
     return losses.float(), valid.bool()
 
 
+def batch_rows(batch: Mapping[str, object]) -> int | None:
+    """Samples in a batch: the leading dimension of its first tensor (None if it has none)."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim():
+            return value.shape[0]
+    return None
+
+
 def mean_loss(losses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over valid entries (token-weighted, as a causal LM's training loss)."""
-    return torch.where(valid, losses, 0.0).sum() / valid.sum().clamp(min=1)
+    """Mean over the valid entries of each row (token-weighted, as a causal LM's training
+    loss): ``(..., K) -> (...)``."""
+    return torch.where(valid, losses, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)

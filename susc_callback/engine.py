@@ -40,19 +40,20 @@ from susc_callback.components import (
     resolve_components,
 )
 from susc_callback.config import SGLDConfig
-from susc_callback.data import LossFn, SamplingData
+from susc_callback.data import LossFn, SamplingData, token_losses
 from susc_callback.estimator import DrawSums, susceptibilities
 from susc_callback.group import (
     ChainStep,
     GroupLosses,
-    TokenLosses,
-    evaluate_batched,
+    check_stacking,
     evaluate_sequential,
+    evaluate_stacked,
 )
 from susc_callback.prefix import PrefixReplay
 from susc_callback.probes import ProbeSet
 from susc_callback.results import SusceptibilityResult
 from susc_callback.sampler import RestrictedChain, chain_seed, make_generator
+from susc_callback.stacking import StackingUnsupported, stacking_blocker
 
 FULL = "full"
 
@@ -199,19 +200,18 @@ class _Run:
                  data: SamplingData, probe: ProbeSet, config: SGLDConfig,
                  loss_fn: LossFn | None, device: torch.device) -> None:
         self.model, self.data, self.probe, self.config = model, data, probe, config
-        self.device = device
-        self.losses = TokenLosses(model, loss_fn)
+        self.device, self.loss_fn = device, loss_fn
         self.params = dict(model.named_parameters())
         path = block_list_path(model)
         self.prefix = PrefixReplay(model, model.get_submodule(path) if path else None)
         full = ResolvedComponent(FULL, {name: None for name in self.params},
                                  sum(p.numel() for p in self.params.values()), True)
         self.components = [*components, full]
-        self.batched = config.batch_chains == "on" or (
-            config.batch_chains == "auto" and device.type == "cuda")
+        self.stacked = False  # whether the current group's chains are stacked
         self.batch_limit = config.max_batched_chains
-        if self.batched and hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")  # plain matmuls: vmap has rules for them
+        # A CPU gains nothing from passes larger than eval_batch_size rows (they only miss
+        # caches), so stacked chains share them; a GPU wants the largest passes that fit.
+        self.max_rows = config.eval_batch_size if device.type == "cpu" else None
         self.probe_chunks = [probe.batch(i, i + config.eval_batch_size, device)
                              for i in range(0, len(probe), config.eval_batch_size)]
         order = torch.randperm(len(data), generator=make_generator(
@@ -230,15 +230,18 @@ class _Run:
         return [self.data.batch(indices[i:i + size], self.device)
                 for i in range(0, len(indices), size)]
 
+    def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_losses(self.loss_fn, self.model, batch)
+
     def _group_losses(self, depth: int, observable_chunks: list[dict]) -> GroupLosses:
-        return GroupLosses(self.losses, self.prefix, depth, self.probe_chunks,
-                           self.probe_valid, observable_chunks)
+        return GroupLosses(self.model, self.loss_fn, self.prefix, depth, self.probe_chunks,
+                           self.probe_valid, observable_chunks, self.max_rows)
 
     # -- plan -------------------------------------------------------------------------------
 
     def _groups(self) -> dict[int, list[ResolvedComponent]]:
         """Components keyed by how many leading blocks they leave frozen."""
-        frozen = self.prefix.frozen_blocks(lambda: self.losses(self.probe_chunks[0]))
+        frozen = self.prefix.frozen_blocks(lambda: self._losses(self.probe_chunks[0]))
         aliases: dict[str, list[str]] = {}
         for alias, name in canonical_parameter_names(self.model).items():
             aliases.setdefault(name, []).append(alias)
@@ -255,7 +258,7 @@ class _Run:
         start = 0
         with torch.no_grad():
             for chunk in self.probe_chunks:
-                _, valid = self.losses(chunk)
+                _, valid = self._losses(chunk)
                 self.probe_valid.append(valid)
                 rows, cols = valid.nonzero(as_tuple=True)
                 sequences.append(rows.cpu() + start)
@@ -277,7 +280,7 @@ class _Run:
         total = len(self.components) * cfg.num_chains * cfg.num_steps
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
         with torch.no_grad():
-            separate_anchor = self._group_losses(0, self.anchor_chunks).observable_loss() \
+            separate_anchor = self._group_losses(0, self.anchor_chunks).observable_loss()[0] \
                 if cfg.anchor == "separate-batches" else None
         with tqdm(total=total, disable=not show, desc="SGLD", unit="step") as bar:
             for depth, members in groups.items():
@@ -292,14 +295,17 @@ class _Run:
             group = self._group_losses(depth, [] if minibatch_observable
                                        else self.observable_chunks)
             if anchor is None and not minibatch_observable:
-                anchor = group.observable_loss()
+                anchor = group.observable_loss()[0]
         if anchor is not None:  # one L(w*) for every draw of the group
             self.fixed_anchors.update({c.name: float(anchor) for c in members})
         checkpoint = self._checkpoint_draw(group) if _draw_index(0, cfg) is not None else None
+        self.stacked = self._stacking_applies(members)
         for chain_index in range(cfg.num_chains):
             chains = [RestrictedChain(c, self.params, make_generator(
                 self.device, chain_seed(cfg.seed, "noise", c.name, chain_index)))
                 for c in members if c.name not in self.failed]
+            if self.stacked and chain_index == 0:
+                self._check_stacking([c for c in chains if c.name != FULL], group)
             batches = _EpochSampler(len(self.data), cfg.batch_size,
                                     chain_seed(cfg.seed, "batches", chain_index))
             for step_index in range(cfg.num_steps):
@@ -308,7 +314,7 @@ class _Run:
                 with torch.no_grad():
                     hidden = group.capture(batch)
                     if draw is not None and minibatch_observable and cfg.anchor == "exact":
-                        anchor = group.mean([(batch, hidden)])
+                        anchor = group.mean([(batch, hidden)])[0]
                 at_checkpoint = step_index == 0 and checkpoint is not None
                 evaluated = self._evaluate(chains, group, batch, hidden,
                                            draw is not None and not at_checkpoint)
@@ -326,14 +332,40 @@ class _Run:
         group, so it is evaluated once per group rather than once per chain."""
         with torch.no_grad():
             observable = None if self.config.observable == "minibatch" else \
-                group.observable_loss()
-            return observable, group.probe_losses()
+                group.observable_loss()[0]
+            return observable, group.probe_losses()[0]
+
+    def _stacking_applies(self, members: list[ResolvedComponent]) -> bool:
+        """Whether this group's restricted chains are stacked (``batch_chains``)."""
+        restricted = [c for c in members if c.name != FULL]
+        if self.config.batch_chains == "off" or len(restricted) < 2 and \
+                self.config.batch_chains == "auto":
+            return False
+        names = list(dict.fromkeys(name for c in restricted for name in c.entries))
+        blocker = stacking_blocker(self.model, names)
+        if blocker is not None:
+            self._stacking_failed(f"only parameters of Linear, Conv1D and LayerNorm modules "
+                                  f"can be stacked, and {blocker}")
+        return blocker is None
+
+    def _check_stacking(self, chains: list[RestrictedChain], group: GroupLosses) -> None:
+        try:
+            check_stacking(chains, group)
+        except StackingUnsupported as error:
+            self._stacking_failed(str(error))
+            self.stacked = False
+
+    def _stacking_failed(self, reason: str) -> None:
+        """``batch_chains="on"``: a clear error; ``"auto"``: one chain at a time."""
+        if self.config.batch_chains == "on":
+            raise ValueError(f"batch_chains='on', but this group's chains cannot be stacked: "
+                             f"{reason}. Use SGLDConfig(batch_chains='off') or 'auto'")
 
     def _evaluate(self, chains: list[RestrictedChain], group: GroupLosses, batch: dict,
                   hidden: torch.Tensor | None, draw: bool
                   ) -> list[tuple[RestrictedChain, ChainStep]]:
         """Every chain's step outputs. The full chain runs alone; the others one at a time,
-        or batched in groups of at most ``batch_limit`` chains, halved whenever a batch
+        or stacked in batches of at most ``batch_limit`` chains, halved whenever a batch
         runs out of device memory (evaluation changes no chain state, so a retry is
         exact)."""
         minibatch_observable = self.config.observable == "minibatch"
@@ -341,35 +373,26 @@ class _Run:
         full = [c for c in chains if c.name == FULL]
         pairs = list(zip(full, evaluate_sequential(full, group, batch, hidden, draw,
                                                    minibatch_observable)))
-        if not self.batched:
-            outputs = evaluate_sequential(restricted, group, batch, hidden, draw,
-                                          minibatch_observable)
-            return list(zip(restricted, outputs)) + pairs
         start = 0
-        while start < len(restricted):
+        while self.stacked and start < len(restricted):
             part = restricted[start:start + self.batch_limit]
             try:
-                outputs = evaluate_batched(part, group, batch, hidden, draw,
+                outputs = evaluate_stacked(part, group, batch, hidden, draw,
                                            minibatch_observable)
             except torch.OutOfMemoryError:
                 if len(part) == 1:
                     raise
                 self._shrink_batches(len(part))
                 continue
-            except RuntimeError as error:  # e.g. a loss_fn that torch.func.vmap cannot batch
-                if self.config.batch_chains == "on":
-                    raise RuntimeError(f"Batched chain evaluation failed ({error}); the model "
-                                       "or loss_fn may not support torch.func.vmap: use "
-                                       "SGLDConfig(batch_chains='off')") from error
-                warnings.warn(f"Batched chain evaluation failed ({error}); evaluating one "
-                              "chain at a time instead", RuntimeWarning, stacklevel=2)
-                self.batched = False
-                outputs = evaluate_sequential(restricted[start:], group, batch, hidden, draw,
-                                              minibatch_observable)
-                return pairs + list(zip(restricted[start:], outputs))
+            except StackingUnsupported as error:
+                self._stacking_failed(str(error))
+                self.stacked = False
+                break
             pairs += zip(part, outputs)
             start += len(part)
-        return pairs
+        rest = restricted[start:]
+        return pairs + list(zip(rest, evaluate_sequential(rest, group, batch, hidden, draw,
+                                                          minibatch_observable)))
 
     def _shrink_batches(self, failed_size: int) -> None:
         self.batch_limit = failed_size // 2

@@ -6,23 +6,28 @@ probe and observable-set activations after those blocks are captured once
 chains of a group at a step, with the same numbers up to float rounding:
 
 * :func:`evaluate_sequential` loads one chain at a time into the shared snapshot;
-* :func:`evaluate_batched` stacks the chains' values of the parameters they touch and runs
-  one ``torch.func.vmap`` forward/backward for all of them (fewer, larger kernels: the
-  main lever on a GPU, where small models are launch-bound).
+* :func:`evaluate_stacked` runs all of them as one batch of ``G x B`` rows, each module
+  that owns a chain's parameters applying that chain's values to its block of rows
+  (:mod:`susc_callback.stacking`): one forward and one backward for ``G`` chains.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
 
-from susc_callback.data import LossFn, mean_loss, token_losses
+from susc_callback.data import LossFn, batch_rows, mean_loss, token_losses
 from susc_callback.prefix import PrefixReplay
 from susc_callback.sampler import RestrictedChain
+from susc_callback.stacking import (
+    StackedModules,
+    StackingUnsupported,
+    repeat_rows,
+    select_rows,
+)
 
 
 @dataclass
@@ -36,33 +41,20 @@ class ChainStep:
     tokens: torch.Tensor | None = None
 
 
-Forward = Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
-"""``batch -> (losses, valid)``: the snapshot's current weights, or substituted ones."""
-
-
-class TokenLosses(nn.Module):
-    """``batch -> (losses, valid)`` as a module, so ``functional_call`` can swap weights."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_losses(self.loss_fn, self.model, batch)
-
-
 class GroupLosses:
     """Loss evaluations of one prefix group, with its frozen prefix replayed.
 
     ``depth`` blocks are frozen; the probe's and observable set's activations after them
-    are captured at construction, and each minibatch's by :meth:`capture`.
+    are captured at construction, and each minibatch's by :meth:`capture`. Every
+    evaluation takes an optional :class:`StackedModules` of ``G`` chains and returns one
+    row per chain (one row, at the snapshot's current weights, without it). ``max_rows``
+    bounds the rows of one forward pass (None: no bound).
     """
 
-    def __init__(self, losses: TokenLosses, prefix: PrefixReplay, depth: int,
-                 probe_chunks: list[dict], probe_valid: list[torch.Tensor],
-                 observable_chunks: list[dict]) -> None:
-        self.losses = losses
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None, prefix: PrefixReplay,
+                 depth: int, probe_chunks: list[dict], probe_valid: list[torch.Tensor],
+                 observable_chunks: list[dict], max_rows: int | None = None) -> None:
+        self.model, self.loss_fn, self.max_rows = model, loss_fn, max_rows
         self.prefix, self.depth = prefix, depth
         self.probe = [(c, self.capture(c), v.reshape(-1).nonzero().squeeze(1))
                       for c, v in zip(probe_chunks, probe_valid)]
@@ -70,34 +62,52 @@ class GroupLosses:
 
     def capture(self, batch: dict) -> torch.Tensor | None:
         """The frozen prefix's output on ``batch`` (None when nothing is frozen)."""
-        return self.prefix.capture(self.depth, lambda: self.losses(batch))
+        return self.prefix.capture(self.depth, lambda: token_losses(self.loss_fn, self.model,
+                                                                    batch))
+
+    def token_losses(self, batch: dict, hidden: torch.Tensor | None,
+                     stack: StackedModules | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses and validity of ``batch``, flattened to ``(G, B * K)``.
+
+        With ``G`` stacked chains every row is repeated ``G`` times; forward passes then
+        take slices of at most ``max_rows`` rows in all (autograd sees one graph)."""
+        copies = 1 if stack is None else stack.count
+        rows = batch_rows(batch) or 1  # no tensors: nothing to slice
+        step = rows if self.max_rows is None else max(1, min(rows, self.max_rows // copies))
+        losses, valid = [], []
+        for start in range(0, rows, step):
+            size = min(step, rows - start)
+            part, part_hidden = (select_rows(value, rows, start, size) for value in (batch, hidden))
+            if copies > 1:
+                part, part_hidden = (repeat_rows(value, size, copies)
+                                     for value in (part, part_hidden))
+            patched = nullcontext() if stack is None else stack.applied(size * copies)
+            with self.prefix.replay(self.depth, part_hidden), patched:
+                part_losses, part_valid = token_losses(self.loss_fn, self.model, part)
+            losses.append(part_losses.reshape(copies, size, -1))
+            valid.append(part_valid.reshape(copies, size, -1))
+        return torch.cat(losses, 1).reshape(copies, -1), torch.cat(valid, 1).reshape(copies, -1)
 
     def mean(self, chunks: list[tuple[dict, torch.Tensor | None]],
-             forward: Forward | None = None) -> torch.Tensor:
-        """Token-weighted mean loss over ``chunks`` (float64); ``forward`` defaults to the
-        snapshot's current weights."""
-        forward = forward or self.losses
+             stack: StackedModules | None = None) -> torch.Tensor:
+        """Token-weighted mean loss over ``chunks``, ``(G,)`` float64."""
         total, count = 0.0, 0
         for chunk, hidden in chunks:
-            with self.prefix.replay(self.depth, hidden):
-                losses, valid = forward(chunk)
-            total = total + torch.where(valid, losses, 0.0).double().sum((-2, -1))
-            count = count + valid.sum((-2, -1))
+            losses, valid = self.token_losses(chunk, hidden, stack)
+            total = total + torch.where(valid, losses, 0.0).double().sum(-1)
+            count = count + valid.sum(-1)
         return total / count.clamp(min=1)
 
-    def probe_losses(self, forward: Forward | None = None) -> torch.Tensor:
-        """Per-token probe losses ``(..., P)`` in probe-token order."""
-        forward = forward or self.losses
-        parts = []
-        for chunk, hidden, positions in self.probe:
-            with self.prefix.replay(self.depth, hidden):
-                losses, _ = forward(chunk)
-            parts.append(losses.flatten(-2).index_select(-1, positions))
+    def probe_losses(self, stack: StackedModules | None = None) -> torch.Tensor:
+        """Per-token probe losses ``(G, P)`` in probe-token order."""
+        parts = [self.token_losses(chunk, hidden, stack)[0].index_select(-1, positions)
+                 for chunk, hidden, positions in self.probe]
         return torch.cat(parts, dim=-1)
 
-    def observable_loss(self, forward: Forward | None = None) -> torch.Tensor:
-        """Mean loss of the fixed observable set (float64)."""
-        return self.mean(self.observable, forward)
+    def observable_loss(self, stack: StackedModules | None = None) -> torch.Tensor:
+        """Mean loss of the fixed observable set, ``(G,)`` float64."""
+        return self.mean(self.observable, stack)
 
 
 def evaluate_sequential(chains: list[RestrictedChain], group: GroupLosses, batch: dict,
@@ -108,8 +118,7 @@ def evaluate_sequential(chains: list[RestrictedChain], group: GroupLosses, batch
     for chain in chains:
         chain.load()
         try:
-            with group.prefix.replay(group.depth, hidden):
-                loss = mean_loss(*group.losses(batch))
+            loss = mean_loss(*group.token_losses(batch, hidden))[0]
             if loss.requires_grad:  # unused parameters get zero gradients
                 grads = list(torch.autograd.grad(loss, chain.params, allow_unused=True,
                                                  materialize_grads=True))
@@ -119,40 +128,38 @@ def evaluate_sequential(chains: list[RestrictedChain], group: GroupLosses, batch
             if draw:
                 with torch.no_grad():
                     step.observable = step.loss if minibatch_observable else \
-                        group.observable_loss()
-                    step.tokens = group.probe_losses()
+                        group.observable_loss()[0]
+                    step.tokens = group.probe_losses()[0]
         finally:
             chain.unload()
         steps.append(step)
     return steps
 
 
-def evaluate_batched(chains: list[RestrictedChain], group: GroupLosses, batch: dict,
+def evaluate_stacked(chains: list[RestrictedChain], group: GroupLosses, batch: dict,
                      hidden: torch.Tensor | None, draw: bool,
                      minibatch_observable: bool) -> list[ChainStep]:
-    """All chains at once: ``vmap`` over their stacked values of the touched parameters."""
+    """All chains at once, as one batch of ``G x B`` rows over their stacked values."""
     names = list(dict.fromkeys(name for chain in chains for name in chain.names))
-    model = group.losses.model
-    stacked = {f"model.{name}": _stack(model.get_parameter(name), name, chains)
-               for name in names}
-
-    def forward(params: dict[str, torch.Tensor], data: dict) -> tuple[torch.Tensor, ...]:
-        return functional_call(group.losses, params, (data,))
-
-    def minibatch_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        with group.prefix.replay(group.depth, hidden):
-            return mean_loss(*forward(params, batch))
-
-    grads, losses = vmap(grad_and_value(minibatch_loss))(stacked)
+    values = {name: _stack(group.model.get_parameter(name), name, chains).requires_grad_()
+              for name in names}
+    stack = StackedModules(group.model, values)
+    losses = mean_loss(*group.token_losses(batch, hidden, stack))
+    if losses.requires_grad:
+        grads = torch.autograd.grad(losses.sum(), list(values.values()), allow_unused=True,
+                                    materialize_grads=True)
+    else:
+        grads = [torch.zeros_like(value) for value in values.values()]
+    by_name = dict(zip(names, grads))
+    losses = losses.detach()
     observables = tokens = None
     if draw:
         with torch.no_grad():
-            observables = losses if minibatch_observable else vmap(
-                lambda p: group.observable_loss(lambda d: forward(p, d)))(stacked)
-            tokens = vmap(lambda p: group.probe_losses(lambda d: forward(p, d)))(stacked)
+            observables = losses if minibatch_observable else group.observable_loss(stack)
+            tokens = group.probe_losses(stack)
     steps = []
     for j, chain in enumerate(chains):
-        step = ChainStep(losses[j], [grads[f"model.{name}"][j] for name in chain.names])
+        step = ChainStep(losses[j], [by_name[name][j] for name in chain.names])
         if draw:
             step.observable, step.tokens = observables[j], tokens[j]
         steps.append(step)
@@ -167,3 +174,32 @@ def _stack(param: torch.Tensor, name: str, chains: list[RestrictedChain]) -> tor
         if name in chain.names:
             chain.write_into(name, stacked[j])
     return stacked
+
+
+def check_stacking(chains: list[RestrictedChain], group: GroupLosses,
+                   checked: int = 4) -> None:
+    """Raise :class:`StackingUnsupported` unless stacked evaluation reproduces one-at-a-time
+    evaluation on the first probe chunk, with the first ``checked`` chains moved apart
+    (chain ``j``'s entries shifted by ``0.01 (j + 1)``): stacking is exact only when every
+    use of a stacked parameter goes through its module's forward on the batch rows, which
+    module types and call shapes alone cannot prove (e.g. a tied weight read directly)."""
+    chains = chains[:checked]
+    chunk, hidden, _ = group.probe[0]
+    states = [chain.state for chain in chains]
+    try:
+        for j, chain in enumerate(chains):
+            chain.state = [value + 0.01 * (j + 1) for value in chain.state]
+        stacked = evaluate_stacked(chains, group, chunk, hidden, False, True)
+        sequential = evaluate_sequential(chains, group, chunk, hidden, False, True)
+    finally:
+        for chain, state in zip(chains, states):
+            chain.state = state
+    for chain, one, other in zip(chains, stacked, sequential):
+        same = torch.allclose(one.loss, other.loss, rtol=1e-4, atol=1e-6) and all(
+            torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+            for a, b in zip(one.grads, other.grads))
+        if not same:
+            raise StackingUnsupported(
+                f"stacked evaluation of {chain.name!r} differs from evaluating it alone "
+                f"(loss {float(one.loss):.6g} vs {float(other.loss):.6g}); a parameter of it "
+                "is probably used outside its module's forward")

@@ -66,7 +66,7 @@ class RestrictedChain:
 
     @staticmethod
     def _read(param: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        flat = param.detach().view(-1)
+        flat = param.detach().reshape(-1)
         return flat if index is None else flat[index]
 
     @staticmethod
