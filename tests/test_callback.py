@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CONTEXT, VOCAB, tiny_gpt2
@@ -287,7 +288,9 @@ def test_two_process_ddp_matches_a_single_process_estimate(tmp_path, probe):
     single = estimate_susceptibilities(model, "heads", TokenDataset(), probe,
                                        snapshot_config(), collate_fn=default_data_collator)
     assert merged.component_names == single.component_names == ["l0h0", "l0h1", "l1h0", "l1h1"]
-    assert (merged.chi == single.chi).all()
+    # Each rank runs one head per layer (one chain at a time), the single process stacks
+    # two: the same random streams, so equal up to float rounding.
+    np.testing.assert_allclose(merged.chi, single.chi, rtol=1e-5, atol=1e-7)
     assert merged.llc_full == single.llc_full
     writers = {p.name.split(".")[5] for p in (tmp_path / "tb").glob(f"*{EVENT_FILE_SUFFIX}")}
     assert len(writers) == 1  # only rank 0 wrote TensorBoard events

@@ -433,8 +433,9 @@ def test_stacking_is_checked_against_one_at_a_time(tied, config):
 
 def test_stacking_needs_linear_conv1d_or_layernorm_modules(gpt2, probe, sampling_ids,
                                                            config):
-    components = {"emb0": {"transformer.wte.weight": (torch.arange(64)[:, None] % 2 == 0).expand(64, 16)},
-                  "emb1": {"transformer.wte.weight": (torch.arange(64)[:, None] % 2 == 1).expand(64, 16)}}
+    even_rows = (torch.arange(64)[:, None] % 2 == 0).expand(64, 16)
+    components = {"emb0": {"transformer.wte.weight": even_rows},
+                  "emb1": {"transformer.wte.weight": ~even_rows}}
     with pytest.raises(ValueError, match="transformer.wte.weight belongs to a Embedding"):
         _estimate(gpt2, probe, sampling_ids, config.replace(batch_chains="on"),
                   components=components)
