@@ -53,19 +53,24 @@ class SGLDConfig:
     *other* sampling sequences, which is what devinterp 2.0.1 does (for comparisons only;
     it adds a constant offset to phi that biases every susceptibility)."""
     eval_batch_size: int = 32
-    """Sequences per forward pass when evaluating probe and observable losses."""
+    """Sequences per forward pass when evaluating probe and observable losses. On a CPU
+    this bounds every forward pass, stacked chains' copies included (see ``batch_chains``):
+    larger passes only miss caches there."""
     seed: int = 0
     """Seed of the private RNG. Each component's chains are seeded from (seed, name)."""
     on_divergence: OnDivergence = "raise"
     """A chain whose loss or weights become non-finite: "raise" an error naming the
     component, chain and step, or "mark" the component as failed (NaN row) and go on."""
     batch_chains: BatchChains = "auto"
-    """Evaluate the chains of one prefix group together with ``torch.func.vmap`` ("on"),
-    one at a time ("off"), or "auto": batched on CUDA (small models are launch-bound
-    there), one at a time on CPU (where batching does not pay). Same numbers either way,
-    up to float rounding."""
+    """Evaluate the chains of one prefix group *stacked*: one forward and one backward pass
+    over a batch holding a copy of the inputs per chain, each module that owns a chain's
+    parameters (Linear, transformers' Conv1D, LayerNorm) applying that chain's values to its
+    copy. "auto": stacked wherever that is exact (checked against one-at-a-time evaluation
+    once per group), else one chain at a time; "on": stacked, or a clear error; "off": one
+    chain at a time. Same numbers either way, up to float rounding."""
     max_batched_chains: int = 32
-    """Most chains evaluated in one batch; lower it if a batch does not fit in memory."""
+    """Most chains stacked in one batch; a batch that runs out of device memory is halved
+    and retried."""
     device: str | None = None
     """Where to sample; None = the model's own device."""
     progress: bool | None = None

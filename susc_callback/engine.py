@@ -15,6 +15,8 @@ Work plan, designed to do less work rather than the same work faster:
 * Only the component's parameters require grad, so backward stops at the component and
   computes no other weight gradients; the update and its noise touch only the component's
   entries.
+* The restricted chains of a group are stacked into one batch where that is exact
+  (:mod:`susc_callback.stacking`): one forward and backward pass for all of them.
 """
 
 from __future__ import annotations
