@@ -18,7 +18,8 @@ anchor; devinterp's own draws are also re-anchored exactly to isolate the anchor
 and a final PASS/FAIL table against the targets.
 
 Every measured job runs in a fresh child process (``--job``). Wall time is
-``time.perf_counter`` around the call only. Peak memory is the child's peak RSS minus that
+``time.perf_counter`` around the call only; on tiny, whose runs take seconds, each tool is
+timed three times, interleaved, and the median is reported (``--repeats``). Peak memory is the child's peak RSS minus that
 of a baseline child which imports the same libraries and builds the same model and data
 (on CUDA: ``torch.cuda.max_memory_allocated`` during the call). On CPU, RSS with glibc's
 default allocator is dominated by heap retention, so a second "live" figure is measured in
@@ -75,6 +76,7 @@ class Workload:
     probe_sequences: int
     sampling_sequences: int
     train_steps: int = 150
+    repeats: int = 1  # timed runs per tool, interleaved; the median is reported
     period: int = 16
     gpu_only: bool = False
 
@@ -82,7 +84,7 @@ class Workload:
 WORKLOADS = {
     "tiny": Workload("tiny", n_layer=2, n_head=4, n_embd=64, vocab=128, context=32,
                      num_chains=2, num_draws=20, batch_size=8, probe_sequences=16,
-                     sampling_sequences=256),
+                     sampling_sequences=256, repeats=3),
     "medium": Workload("medium", n_layer=2, n_head=8, n_embd=128, vocab=2000, context=64,
                        num_chains=2, num_draws=50, batch_size=8, probe_sequences=32,
                        sampling_sequences=256),
@@ -694,6 +696,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--skip-devinterp", action="store_true")
     parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--repeats", type=int, default=0,
+                        help="timed runs of each tool per workload, interleaved, in fresh "
+                             "children; the median is reported (default 0 = the workload's: "
+                             "3 for tiny, whose runs take seconds and vary by 10-30%% between "
+                             "runs, 1 otherwise)")
     parser.add_argument("--skip-memory-scaling", action="store_true")
     parser.add_argument("--memory-workload", default="tiny",
                         help="workload of the 50 vs 200 draws memory check (default tiny, to "
@@ -788,23 +795,35 @@ def main(argv=None) -> int:
             base = job("baseline", "baseline")
             print(f"   baseline child: RSS {mib(base['rss_before']).strip()} after imports, model, "
                   f"data and warm-up (peak so far {mib(base['peak_rss_setup']).strip()})")
-            engine = job("engine", "engine_exact", anchor="exact")
+            timed = [("engine", "engine_exact", {"anchor": "exact"})]
+            if not args.skip_plain:
+                timed.append(("plain", "plain", {}))
+            if with_devinterp:
+                timed.append(("devinterp", "devinterp", {}))
+            repeats = args.repeats or w.repeats
+            runs = {kind: [] for kind, _, _ in timed}
+            for _ in range(repeats):  # interleaved, so that a slow spell hits every tool
+                for kind, tag, extra in timed:
+                    runs[kind].append(job(kind, tag, **extra))
+            engine = runs["engine"][0]
             names_e = engine["names"]
             chi_e = np.load(tmp / f"chi_{w.name}_engine_exact.npy")
-            t_e = engine["time_s"]
+            t_e = median_time(runs["engine"])
             rows[(w.name, "engine")] = {"time": t_e, "rss": memory_increase(engine, base)}
-            print(f"   engine (exact anchor):    {t_e:8.2f} s  {mem_text(engine, base)}")
+            print(f"   engine (exact anchor):    {t_e:8.2f} s  {mem_text(engine, base)}"
+                  f"{spread_text(runs['engine'])}")
             gap = abs(engine["anchor_loss"] - engine["expected_exact_anchor"])
             print(f"   engine L(w*) {engine['anchor_loss']:.5f} vs L(w*) of devinterp's "
                   f"observable set {engine['expected_exact_anchor']:.5f} "
                   f"({'same sequences' if gap < 1e-4 else 'MISMATCH: different sequences'})")
 
             if not args.skip_plain:
-                plain = job("plain", "plain")
+                plain = runs["plain"][0]
                 chi_p = np.load(tmp / f"chi_{w.name}_plain.npy")
-                t_p = plain["time_s"]
+                t_p = median_time(runs["plain"])
                 rows[(w.name, "plain loop")] = {"time": t_p, "rss": memory_increase(plain, base)}
-                print(f"   plain loop:               {t_p:8.2f} s  {mem_text(plain, base)}")
+                print(f"   plain loop:               {t_p:8.2f} s  {mem_text(plain, base)}"
+                      f"{spread_text(runs['plain'])}")
                 ratio = t_e / t_p
                 print(f"   engine/plain time = {ratio:.3f} (target <= 0.75 on medium)")
                 checks.append((w.name, "engine/plain time", ratio))
@@ -817,12 +836,13 @@ def main(argv=None) -> int:
                 print(f"   rLLC per head, plain:  {np.array2string(rllc_p, precision=2)}")
 
             if with_devinterp:
-                dev = job("devinterp", "devinterp")
+                dev = runs["devinterp"][0]
                 chi_d = np.load(tmp / f"chi_{w.name}_devinterp.npy")
-                t_d = dev["time_s"]
+                t_d = median_time(runs["devinterp"])
                 rows[(w.name, "devinterp 2.0.1")] = {"time": t_d,
                                                      "rss": memory_increase(dev, base)}
-                print(f"   devinterp:                {t_d:8.2f} s  {mem_text(dev, base)}")
+                print(f"   devinterp:                {t_d:8.2f} s  {mem_text(dev, base)}"
+                      f"{spread_text(runs['devinterp'])}")
                 ratio = t_d / t_e
                 print(f"   devinterp/engine time = {ratio:.2f}")
                 checks.append((w.name, "devinterp/engine time", ratio))
@@ -909,6 +929,18 @@ def main(argv=None) -> int:
         print(f"{wname:<12} {metric:<24} {value:8.3f}  {op} {threshold:<6} "
               f"{verdict(value, op, threshold)}")
     return 0
+
+
+def median_time(runs: list[dict]) -> float:
+    return float(np.median([r["time_s"] for r in runs]))
+
+
+def spread_text(runs: list[dict]) -> str:
+    """"  [median of 3: 1.90 2.02 2.31 s]" (empty for a single run)."""
+    if len(runs) < 2:
+        return ""
+    times = " ".join(f"{t:.2f}" for t in sorted(r["time_s"] for r in runs))
+    return f"  [median of {len(runs)}: {times} s]"
 
 
 def _fmt_corr(c: dict) -> str:

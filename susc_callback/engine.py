@@ -340,8 +340,8 @@ class _Run:
     def _stacking_applies(self, members: list[ResolvedComponent]) -> bool:
         """Whether this group's restricted chains are stacked (``batch_chains``)."""
         restricted = [c for c in members if c.name != FULL]
-        if self.config.batch_chains == "off" or len(restricted) < 2 and \
-                self.config.batch_chains == "auto":
+        wanted = {"off": 1, "on": 1, "auto": 2}[self.config.batch_chains]  # chains to stack
+        if self.config.batch_chains == "off" or len(restricted) < wanted:
             return False
         names = list(dict.fromkeys(name for c in restricted for name in c.entries))
         blocker = stacking_blocker(self.model, names)

@@ -368,6 +368,17 @@ def test_stacked_chains_match_sequential(model_type, components, probe, sampling
     np.testing.assert_allclose(stacked.loss_traces, sequential.loss_traces, rtol=1e-5)
 
 
+def test_stacking_a_group_of_one_and_a_group_without_restricted_chains(gpt2, probe,
+                                                                       sampling_ids, config):
+    """Heads of layer 1 only: the layer-0 group holds just the full chain."""
+    heads = head_components(gpt2)[2:]
+    on = _estimate(gpt2, probe, sampling_ids, config.replace(batch_chains="on"),
+                   components=heads[:1])
+    off = _estimate(gpt2, probe, sampling_ids, config.replace(batch_chains="off"),
+                    components=heads[:1])
+    np.testing.assert_allclose(on.chi, off.chi, rtol=1e-4, atol=2e-6)
+
+
 def test_batches_split_when_out_of_memory(gpt2, probe, sampling_ids, config, monkeypatch):
     """A batch that does not fit is halved and retried, with the same numbers."""
     import susc_callback.engine as engine
