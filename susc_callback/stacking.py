@@ -11,9 +11,9 @@ nothing but the owning modules is transformed, so it pays on a CPU too.
 
 Stacking is exact only if every use of a stacked parameter goes through its module's
 forward with the batch as leading dimension. :func:`stacking_blocker` checks the module
-types; :class:`StackedModules` checks the leading dimension of every call; the engine
-additionally compares one stacked evaluation with one-at-a-time evaluations before relying
-on it.
+types; :class:`StackedModules` checks the leading dimension of every call;
+:func:`susc_callback.group.check_stacking` compares a stacked evaluation with one-at-a-time
+evaluations before the engine relies on it.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ class StackedModules:
     values (``values[name][j]``, shape ``(G, *param.shape)``) on rows block ``j``."""
 
     def __init__(self, model: nn.Module, values: dict[str, torch.Tensor]) -> None:
-        self.model = model
         self.count = len(next(iter(values.values())))
         owners = _owners(model)
         self.stacked: dict[nn.Module, dict[str, torch.Tensor]] = {}
