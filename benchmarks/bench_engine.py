@@ -19,8 +19,9 @@ and a final PASS/FAIL table against the targets.
 
 Every measured job runs in a fresh child process (``--job``). Wall time is
 ``time.perf_counter`` around the call only; on tiny, whose runs take seconds, each tool is
-timed three times, interleaved, and the median is reported (``--repeats``). Peak memory is the child's peak RSS minus that
-of a baseline child which imports the same libraries and builds the same model and data
+timed three times, interleaved, and the median is reported (``--repeats``). Peak memory is
+the child's peak RSS minus that of a baseline child which imports the same libraries and
+builds the same model and data
 (on CUDA: ``torch.cuda.max_memory_allocated`` during the call). On CPU, RSS with glibc's
 default allocator is dominated by heap retention, so a second "live" figure is measured in
 short extra children with a fixed mmap threshold (see ``LIVE_MMAP_THRESHOLD``).

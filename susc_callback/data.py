@@ -134,9 +134,3 @@ def batch_rows(batch: Mapping[str, object]) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim():
             return value.shape[0]
     return None
-
-
-def mean_loss(losses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid entries of each row (token-weighted, as a causal LM's training
-    loss): ``(..., K) -> (...)``."""
-    return torch.where(valid, losses, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)

@@ -13,13 +13,14 @@ chains of a group at a step, with the same numbers up to float rounding:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from susc_callback.data import LossFn, batch_rows, mean_loss, token_losses
+from susc_callback.data import LossFn, batch_rows, token_losses
 from susc_callback.prefix import PrefixReplay
 from susc_callback.sampler import RestrictedChain
 from susc_callback.stacking import (
@@ -65,17 +66,14 @@ class GroupLosses:
         return self.prefix.capture(self.depth, lambda: token_losses(self.loss_fn, self.model,
                                                                     batch))
 
-    def token_losses(self, batch: dict, hidden: torch.Tensor | None,
-                     stack: StackedModules | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample losses and validity of ``batch``, flattened to ``(G, B * K)``.
-
-        With ``G`` stacked chains every row is repeated ``G`` times; forward passes then
-        take slices of at most ``max_rows`` rows in all (autograd sees one graph)."""
+    def _passes(self, batch: dict, hidden: torch.Tensor | None,
+                stack: StackedModules | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Forward passes over ``batch`` in slices of at most ``max_rows`` rows in all (with
+        ``G`` stacked chains each row is repeated ``G`` times): per-sample losses and
+        validity of each slice, ``(G, slice rows, K)``."""
         copies = 1 if stack is None else stack.count
         rows = batch_rows(batch) or 1  # no tensors: nothing to slice
         step = rows if self.max_rows is None else max(1, min(rows, self.max_rows // copies))
-        losses, valid = [], []
         for start in range(0, rows, step):
             size = min(step, rows - start)
             part, part_hidden = (select_rows(value, rows, start, size) for value in (batch, hidden))
@@ -84,10 +82,36 @@ class GroupLosses:
                                      for value in (part, part_hidden))
             patched = nullcontext() if stack is None else stack.applied(size * copies)
             with self.prefix.replay(self.depth, part_hidden), patched:
-                part_losses, part_valid = token_losses(self.loss_fn, self.model, part)
-            losses.append(part_losses.reshape(copies, size, -1))
-            valid.append(part_valid.reshape(copies, size, -1))
-        return torch.cat(losses, 1).reshape(copies, -1), torch.cat(valid, 1).reshape(copies, -1)
+                losses, valid = token_losses(self.loss_fn, self.model, part)
+            yield losses.reshape(copies, size, -1), valid.reshape(copies, size, -1)
+
+    def token_losses(self, batch: dict, hidden: torch.Tensor | None,
+                     stack: StackedModules | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses and validity of ``batch``, flattened to ``(G, B * K)``."""
+        losses, valid = zip(*self._passes(batch, hidden, stack))
+        return torch.cat(losses, 1).flatten(1), torch.cat(valid, 1).flatten(1)
+
+    def loss_and_grads(self, batch: dict, hidden: torch.Tensor | None,
+                       inputs: list[torch.Tensor], stack: StackedModules | None = None
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Mean loss of ``batch`` per chain, ``(G,)``, and its gradients with respect to
+        ``inputs`` (the loaded parameters, or the ``(G, ...)`` stacked values: row ``j`` is
+        chain ``j``'s). Each slice is differentiated as soon as it is computed, so only one
+        slice's graph is alive at a time; inputs the loss does not use get zeros."""
+        total, count, grads = 0.0, 0, [torch.zeros_like(x) for x in inputs]
+        for losses, valid in self._passes(batch, hidden, stack):
+            part = torch.where(valid, losses, 0.0).flatten(1).sum(-1)
+            if part.requires_grad:
+                part_grads = torch.autograd.grad(part.sum(), inputs, allow_unused=True,
+                                                 materialize_grads=True)
+                grads = [g + p for g, p in zip(grads, part_grads)]
+            total = total + part.detach()
+            count = count + valid.flatten(1).sum(-1)
+        count = count.clamp(min=1)
+        if stack is None:
+            return total / count, [g / count[0] for g in grads]
+        return total / count, [g / count.view(-1, *[1] * (g.dim() - 1)) for g in grads]
 
     def mean(self, chunks: list[tuple[dict, torch.Tensor | None]],
              stack: StackedModules | None = None) -> torch.Tensor:
@@ -118,13 +142,8 @@ def evaluate_sequential(chains: list[RestrictedChain], group: GroupLosses, batch
     for chain in chains:
         chain.load()
         try:
-            loss = mean_loss(*group.token_losses(batch, hidden))[0]
-            if loss.requires_grad:  # unused parameters get zero gradients
-                grads = list(torch.autograd.grad(loss, chain.params, allow_unused=True,
-                                                 materialize_grads=True))
-            else:  # the loss does not depend on this component at all
-                grads = [torch.zeros_like(param) for param in chain.params]
-            step = ChainStep(loss.detach(), grads)
+            loss, grads = group.loss_and_grads(batch, hidden, chain.params)
+            step = ChainStep(loss[0], grads)
             if draw:
                 with torch.no_grad():
                     step.observable = step.loss if minibatch_observable else \
@@ -144,14 +163,8 @@ def evaluate_stacked(chains: list[RestrictedChain], group: GroupLosses, batch: d
     values = {name: _stack(group.model.get_parameter(name), name, chains).requires_grad_()
               for name in names}
     stack = StackedModules(group.model, values)
-    losses = mean_loss(*group.token_losses(batch, hidden, stack))
-    if losses.requires_grad:
-        grads = torch.autograd.grad(losses.sum(), list(values.values()), allow_unused=True,
-                                    materialize_grads=True)
-    else:
-        grads = [torch.zeros_like(value) for value in values.values()]
+    losses, grads = group.loss_and_grads(batch, hidden, list(values.values()), stack)
     by_name = dict(zip(names, grads))
-    losses = losses.detach()
     observables = tokens = None
     if draw:
         with torch.no_grad():
