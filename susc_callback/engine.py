@@ -339,9 +339,15 @@ class _Run:
 
     def _stacking_applies(self, members: list[ResolvedComponent]) -> bool:
         """Whether this group's restricted chains are stacked (``batch_chains``)."""
+        cfg = self.config
         restricted = [c for c in members if c.name != FULL]
-        wanted = {"off": 1, "on": 1, "auto": 2}[self.config.batch_chains]  # chains to stack
-        if self.config.batch_chains == "off" or len(restricted) < wanted:
+        if cfg.batch_chains == "off" or not restricted:
+            return False
+        if cfg.batch_chains == "auto" and (len(restricted) < 2 or self.device.type == "cpu" and
+                                           len(restricted) * cfg.batch_size > cfg.eval_batch_size):
+            # On a CPU stacking pays where it merges the group's minibatch passes into one
+            # of at most eval_batch_size rows; larger passes cost more in cache misses than
+            # the per-pass overhead they save.
             return False
         names = list(dict.fromkeys(name for c in restricted for name in c.entries))
         blocker = stacking_blocker(self.model, names)
