@@ -66,8 +66,10 @@ class SGLDConfig:
     over a batch holding a copy of the inputs per chain, each module that owns a chain's
     parameters (Linear, transformers' Conv1D, LayerNorm) applying that chain's values to its
     copy. "auto": stacked wherever that is exact (checked against one-at-a-time evaluation
-    once per group), else one chain at a time; "on": stacked, or a clear error; "off": one
-    chain at a time. Same numbers either way, up to float rounding."""
+    once per group) and, on a CPU, where the group's stacked minibatch fits in one pass of
+    ``eval_batch_size`` rows (larger passes do not pay there); else one chain at a time.
+    "on": stacked, or a clear error; "off": one chain at a time. Same numbers either way,
+    up to float rounding."""
     max_batched_chains: int = 32
     """Most chains stacked in one batch; a batch that runs out of device memory is halved
     and retried."""
