@@ -144,7 +144,9 @@ def print_summary(summary: dict) -> None:
             pcs = entry[scope]
             best = max(pcs, key=lambda pc: np.nan_to_num(pc["margin"], nan=-9))
             variance = "/".join(f"{100 * pc['explained_variance']:.1f}" for pc in pcs)
-            parts.append(f"{scope} {variance}% PC{best['pc']} {best['margin']:+.3f}")
+            margin = "margin n/a (no such heads yet)" if np.isnan(best["margin"]) else \
+                f"PC{best['pc']} {best['margin']:+.3f}"
+            parts.append(f"{scope} {variance}% {margin}")
         print("  ".join(parts))
     print(f"first step a top PC separates the group: "
           f"{summary['first_step_a_top_pc_separates_the_group']}")
