@@ -129,8 +129,10 @@ def token_losses(loss_fn: LossFn | None, model: nn.Module, batch: dict
 
 
 def batch_rows(batch: Mapping[str, object]) -> int | None:
-    """Samples in a batch: the leading dimension of its first tensor (None if it has none)."""
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim():
-            return value.shape[0]
-    return None
+    """Samples in a batch: the leading dimension of ``input_ids``, else the most common
+    leading dimension of its tensors (None if it has none)."""
+    ids = batch.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim():
+        return ids.shape[0]
+    sizes = [v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim()]
+    return max(sizes, key=sizes.count) if sizes else None

@@ -357,11 +357,23 @@ class _Run:
         return blocker is None
 
     def _check_stacking(self, chains: list[RestrictedChain], group: GroupLosses) -> None:
-        try:
-            check_stacking(chains, group)
-        except StackingUnsupported as error:
-            self._stacking_failed(str(error))
-            self.stacked = False
+        """Check every chain, in stacks of at most ``batch_limit`` (halved when a stack runs
+        out of device memory); one that fails turns stacking off for the group."""
+        start = 0
+        while start < len(chains):
+            part = chains[start:start + self.batch_limit]
+            try:
+                check_stacking(part, group)
+            except torch.OutOfMemoryError:
+                if len(part) == 1:
+                    raise
+                self._shrink_batches(len(part))
+                continue
+            except StackingUnsupported as error:
+                self._stacking_failed(str(error))
+                self.stacked = False
+                return
+            start += len(part)
 
     def _stacking_failed(self, reason: str) -> None:
         """``batch_chains="on"``: a clear error; ``"auto"``: one chain at a time."""

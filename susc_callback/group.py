@@ -14,7 +14,6 @@ chains of a group at a step, with the same numbers up to float rounding:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -68,20 +67,28 @@ class GroupLosses:
 
     def _passes(self, batch: dict, hidden: torch.Tensor | None,
                 stack: StackedModules | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Forward passes over ``batch`` in slices of at most ``max_rows`` rows in all (with
-        ``G`` stacked chains each row is repeated ``G`` times): per-sample losses and
-        validity of each slice, ``(G, slice rows, K)``."""
-        copies = 1 if stack is None else stack.count
-        rows = batch_rows(batch) or 1  # no tensors: nothing to slice
+        """Forward passes over ``batch``: per-sample losses and validity ``(G, rows, K)``.
+
+        One chain at a time, the batch is one pass as given. With ``G`` stacked chains every
+        row is repeated ``G`` times, in slices of at most ``max_rows`` rows in all."""
+        if stack is None:
+            with self.prefix.replay(self.depth, hidden):
+                losses, valid = token_losses(self.loss_fn, self.model, batch)
+            yield losses.unsqueeze(0), valid.unsqueeze(0)
+            return
+        if any(isinstance(value, (list, tuple)) for value in batch.values()):
+            raise StackingUnsupported("the batch holds per-sample values that are not tensors, "
+                                      "which cannot be repeated per chain")
+        copies, rows = stack.count, batch_rows(batch) or 1
         step = rows if self.max_rows is None else max(1, min(rows, self.max_rows // copies))
         for start in range(0, rows, step):
             size = min(step, rows - start)
-            part, part_hidden = (select_rows(value, rows, start, size) for value in (batch, hidden))
-            if copies > 1:
-                part, part_hidden = (repeat_rows(value, size, copies)
-                                     for value in (part, part_hidden))
-            patched = nullcontext() if stack is None else stack.applied(size * copies)
-            with self.prefix.replay(self.depth, part_hidden), patched:
+            part, part_hidden = batch, hidden
+            if size < rows:
+                part, part_hidden = (select_rows(value, rows, start, size)
+                                     for value in (batch, hidden))
+            part, part_hidden = (repeat_rows(value, size, copies) for value in (part, part_hidden))
+            with self.prefix.replay(self.depth, part_hidden), stack.applied(size * copies):
                 losses, valid = token_losses(self.loss_fn, self.model, part)
             yield losses.reshape(copies, size, -1), valid.reshape(copies, size, -1)
 
@@ -90,6 +97,9 @@ class GroupLosses:
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample losses and validity of ``batch``, flattened to ``(G, B * K)``."""
         losses, valid = zip(*self._passes(batch, hidden, stack))
+        if len({part.shape[-1] for part in losses}) > 1:
+            raise StackingUnsupported("the loss_fn returns a number of losses per sample that "
+                                      "depends on the batch, so a batch cannot be sliced")
         return torch.cat(losses, 1).flatten(1), torch.cat(valid, 1).flatten(1)
 
     def loss_and_grads(self, batch: dict, hidden: torch.Tensor | None,
@@ -189,30 +199,41 @@ def _stack(param: torch.Tensor, name: str, chains: list[RestrictedChain]) -> tor
     return stacked
 
 
-def check_stacking(chains: list[RestrictedChain], group: GroupLosses,
-                   checked: int = 4) -> None:
-    """Raise :class:`StackingUnsupported` unless stacked evaluation reproduces one-at-a-time
-    evaluation on the first probe chunk, with the first ``checked`` chains moved apart
-    (chain ``j``'s entries shifted by ``0.01 (j + 1)``): stacking is exact only when every
-    use of a stacked parameter goes through its module's forward on the batch rows, which
-    module types and call shapes alone cannot prove (e.g. a tied weight read directly)."""
-    chains = chains[:checked]
+def check_stacking(chains: list[RestrictedChain], group: GroupLosses) -> None:
+    """Raise :class:`StackingUnsupported` unless stacked evaluation of ``chains`` reproduces
+    one-at-a-time evaluation (loss, gradients, observable and probe losses of the first
+    probe chunk) with the chains moved apart, chain ``j``'s entries shifted by
+    ``0.01 (1 + j / G)``. Stacking is exact only when every use of a stacked parameter goes
+    through its module's forward on the batch rows and the loss treats samples one by
+    one, which module types and call shapes alone cannot prove (e.g. a tied weight read
+    directly)."""
     chunk, hidden, _ = group.probe[0]
     states = [chain.state for chain in chains]
     try:
         for j, chain in enumerate(chains):
-            chain.state = [value + 0.01 * (j + 1) for value in chain.state]
-        stacked = evaluate_stacked(chains, group, chunk, hidden, False, True)
-        sequential = evaluate_sequential(chains, group, chunk, hidden, False, True)
+            shift = 0.01 * (1 + j / len(chains))
+            chain.state = [value + shift for value in chain.state]
+        minibatch_observable = not group.observable  # no fixed observable set
+        sequential = evaluate_sequential(chains, group, chunk, hidden, True,
+                                         minibatch_observable)
+        try:
+            stacked = evaluate_stacked(chains, group, chunk, hidden, True, minibatch_observable)
+        except (StackingUnsupported, torch.OutOfMemoryError):
+            raise
+        except Exception as error:  # any other failure means: do not stack
+            raise StackingUnsupported(f"stacked evaluation failed ({type(error).__name__}: "
+                                      f"{error})") from error
     finally:
         for chain, state in zip(chains, states):
             chain.state = state
     for chain, one, other in zip(chains, stacked, sequential):
-        same = torch.allclose(one.loss, other.loss, rtol=1e-4, atol=1e-6) and all(
+        same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in (
+            (one.loss, other.loss), (one.observable, other.observable),
+            (one.tokens, other.tokens))) and all(
             torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
             for a, b in zip(one.grads, other.grads))
         if not same:
             raise StackingUnsupported(
                 f"stacked evaluation of {chain.name!r} differs from evaluating it alone "
-                f"(loss {float(one.loss):.6g} vs {float(other.loss):.6g}); a parameter of it "
-                "is probably used outside its module's forward")
+                f"(loss {float(one.loss):.6g} vs {float(other.loss):.6g}): a parameter of it "
+                "may be used outside its module's forward, or the loss may couple samples")

@@ -79,13 +79,17 @@ class StackedModules:
     def applied(self, rows: int) -> Iterator[None]:
         """Patch the owning modules for one call on a batch of ``rows = G * B`` rows."""
         self.rows = rows
+        saved = {module: module.__dict__.get("forward") for module in self.stacked}
         for module, values in self.stacked.items():
             module.forward = self._forward(module, values)
         try:
             yield
         finally:
-            for module in self.stacked:
-                del module.forward
+            for module, previous in saved.items():  # an instance-level wrapper survives
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous
 
     def _blocks(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``(G, rows_per_chain, features)``."""
@@ -139,6 +143,8 @@ def _map_rows(value: object, rows: int, fn: Callable[[torch.Tensor], torch.Tenso
         return fn(value) if value.dim() and value.shape[0] == rows else value
     if isinstance(value, dict):
         return {key: _map_rows(item, rows, fn) for key, item in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_map_rows(item, rows, fn) for item in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_map_rows(item, rows, fn) for item in value)
     return value

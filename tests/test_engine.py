@@ -400,46 +400,86 @@ def test_batches_split_when_out_of_memory(gpt2, probe, sampling_ids, config, mon
     np.testing.assert_allclose(split.chi, reference.chi, rtol=1e-5, atol=1e-8)
 
 
-class _TiedReadout(torch.nn.Module):
-    """Two Linear "heads" whose weights are also read outside their modules, as a tied
-    weight can be: stacking them would silently use w* there."""
+class _LinearHeads(torch.nn.Module):
+    """Six Linear "heads"; optionally the last one's weight is also read outside its module,
+    as a tied weight can be: stacking it would silently use w* there."""
 
-    def __init__(self, tied: bool) -> None:
+    def __init__(self, misused: bool) -> None:
         super().__init__()
-        self.a, self.b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
-        self.tied = tied
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(3, 3) for _ in range(6))
+        self.misused = misused
 
     def forward(self, x):
-        hidden = torch.tanh(self.a(x)) + torch.tanh(self.b(x))
-        if self.tied:
-            hidden = hidden + F.linear(x, self.a.weight) * F.linear(x, self.b.weight)
+        hidden = sum(torch.tanh(head(x)) for head in self.heads)
+        if self.misused:
+            hidden = hidden + F.linear(x, self.heads[-1].weight) ** 2
         return hidden.sum(-1)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_stacking_is_checked_against_one_at_a_time(tied, config):
+def _regression_estimate(model, config, batch_chains, *, components=None, batch=None,
+                         collate_fn=None):
     torch.manual_seed(0)
-    model = _TiedReadout(tied)
     x, y = torch.randn(40, 3), torch.randn(40)
     probe = ProbeSet.from_batch({"x": x[:6], "y": y[:6]})
-    components = {"a": {"a.weight": None, "a.bias": None},
-                  "b": {"b.weight": None, "b.bias": None}}
+    components = components or {f"h{i}": {f"heads.{i}.weight": None, f"heads.{i}.bias": None}
+                                for i in range(6)}
 
     def loss_fn(m, batch):
         return (m(batch["x"]) - batch["y"]) ** 2
 
-    def estimate(batch_chains):
-        return estimate_susceptibilities(model, components, {"x": x, "y": y}, probe,
-                                         config.replace(batch_chains=batch_chains),
-                                         loss_fn=loss_fn)
+    return estimate_susceptibilities(model, components, batch or {"x": x, "y": y}, probe,
+                                     config.replace(batch_chains=batch_chains),
+                                     loss_fn=loss_fn, collate_fn=collate_fn)
 
-    sequential = estimate("off")
-    auto = estimate("auto")  # stacked when exact, else one chain at a time
+
+@pytest.mark.parametrize("misused", [False, True])
+def test_stacking_is_checked_against_one_at_a_time(misused, config):
+    """Every chain is checked, not only the first few: the misused weight is the sixth."""
+    torch.manual_seed(0)
+    model = _LinearHeads(misused)
+    sequential = _regression_estimate(model, config, "off")
+    auto = _regression_estimate(model, config, "auto")  # stacked when exact, else one by one
     np.testing.assert_allclose(auto.chi, sequential.chi, rtol=1e-4, atol=1e-6)
-    if tied:
-        with pytest.raises(ValueError, match="differs from evaluating it alone.*"
+    if misused:
+        with pytest.raises(ValueError, match="'h5' differs from evaluating it alone.*"
                                              "batch_chains='off'"):
-            estimate("on")
+            _regression_estimate(model, config, "on")
+
+
+def test_an_instance_level_forward_wrapper_survives_stacking(config):
+    """A wrapper installed on a module instance (as accelerate's hooks are) stays in force."""
+    torch.manual_seed(0)
+    model = _LinearHeads(False)
+    unwrapped = model.heads[2].forward
+    model.heads[2].forward = lambda x: unwrapped(x) * 2.0
+    auto = _regression_estimate(model, config, "auto")
+    reference = _regression_estimate(model, config, "off")
+    np.testing.assert_allclose(auto.chi, reference.chi, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot be stacked"):
+        _regression_estimate(model, config, "on")
+
+
+def test_batches_with_namedtuples_and_lists_fall_back_or_pass_through(config):
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "x y")
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 3), torch.randn(40)
+    examples = [{"x": x[i], "y": y[i], "pair": Pair(x[i], y[i]), "tag": f"row{i}"}
+                for i in range(40)]
+
+    def collate(rows):
+        return {"x": torch.stack([r["x"] for r in rows]), "y": torch.stack([r["y"] for r in rows]),
+                "pair": Pair(torch.stack([r["pair"].x for r in rows]),
+                             torch.stack([r["pair"].y for r in rows])),
+                "tag": [r["tag"] for r in rows]}
+
+    model = _LinearHeads(False)
+    off = _regression_estimate(model, config, "off", batch=examples, collate_fn=collate)
+    auto = _regression_estimate(model, config, "auto", batch=examples, collate_fn=collate)
+    np.testing.assert_allclose(auto.chi, off.chi, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="per-sample values that are not tensors"):
+        _regression_estimate(model, config, "on", batch=examples, collate_fn=collate)
 
 
 def test_stacking_needs_linear_conv1d_or_layernorm_modules(gpt2, probe, sampling_ids,
