@@ -482,6 +482,31 @@ def test_batches_with_namedtuples_and_lists_fall_back_or_pass_through(config):
         _regression_estimate(model, config, "on", batch=examples, collate_fn=collate)
 
 
+def test_a_loss_fn_whose_width_depends_on_the_batch_is_not_sliced(gpt2, sampling_ids, config):
+    """Trimming padding shared by the batch changes K per slice: stacking (which slices
+    probe chunks) falls back to one chain at a time, with the same numbers."""
+    def loss_fn(m, batch):
+        width = int(batch["attention_mask"].sum(1).max())
+        ids, mask = batch["input_ids"][:, :width], batch["attention_mask"][:, :width]
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        return losses, (mask[:, :-1] & mask[:, 1:]).bool()
+
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[:4, 10:] = 0  # the first half shorter than the second
+    mask[4:, 13:] = 0
+    probe = ProbeSet.from_tensors(ids, mask)
+    data = {"input_ids": sampling_ids, "attention_mask": torch.ones_like(sampling_ids)}
+    components = {"fc": {"transformer.h.0.mlp.c_fc.weight": None},
+                  "proj": {"transformer.h.0.mlp.c_proj.weight": None}}
+    settings = config.replace(batch_size=4, eval_batch_size=8)
+    off = estimate_susceptibilities(gpt2, components, data, probe,
+                                    settings.replace(batch_chains="off"), loss_fn=loss_fn)
+    auto = estimate_susceptibilities(gpt2, components, data, probe, settings, loss_fn=loss_fn)
+    np.testing.assert_allclose(auto.chi, off.chi, rtol=1e-4, atol=2e-6)
+
+
 def test_stacking_needs_linear_conv1d_or_layernorm_modules(gpt2, probe, sampling_ids,
                                                            config):
     even_rows = (torch.arange(64)[:, None] % 2 == 0).expand(64, 16)
