@@ -352,7 +352,7 @@ class _Run:
         names = list(dict.fromkeys(name for c in restricted for name in c.entries))
         blocker = stacking_blocker(self.model, names)
         if blocker is not None:
-            self._stacking_failed(f"only parameters of Linear, Conv1D and LayerNorm modules "
+            self._stop_stacking(f"only parameters of Linear, Conv1D and LayerNorm modules "
                                   f"can be stacked, and {blocker}")
         return blocker is None
 
@@ -370,13 +370,14 @@ class _Run:
                 self._shrink_batches(len(part))
                 continue
             except StackingUnsupported as error:
-                self._stacking_failed(str(error))
-                self.stacked = False
+                self._stop_stacking(str(error))
                 return
             start += len(part)
 
-    def _stacking_failed(self, reason: str) -> None:
-        """``batch_chains="on"``: a clear error; ``"auto"``: one chain at a time."""
+    def _stop_stacking(self, reason: str) -> None:
+        """``batch_chains="on"``: a clear error; ``"auto"``: one chain at a time from now
+        on (evaluation changes no chain state, so switching is exact)."""
+        self.stacked = False
         if self.config.batch_chains == "on":
             raise ValueError(f"batch_chains='on', but this group's chains cannot be stacked: "
                              f"{reason}. Use SGLDConfig(batch_chains='off') or 'auto'")
@@ -405,8 +406,7 @@ class _Run:
                 self._shrink_batches(len(part))
                 continue
             except StackingUnsupported as error:
-                self._stacking_failed(str(error))
-                self.stacked = False
+                self._stop_stacking(str(error))
                 break
             pairs += zip(part, outputs)
             start += len(part)
