@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
@@ -357,21 +357,29 @@ class _Run:
         return blocker is None
 
     def _check_stacking(self, chains: list[RestrictedChain], group: GroupLosses) -> None:
-        """Check every chain, in stacks of at most ``batch_limit`` (halved when a stack runs
-        out of device memory); one that fails turns stacking off for the group."""
+        """Check every chain; one that fails turns stacking off for the group."""
+        try:
+            for _ in self._in_stacks(chains, lambda part: check_stacking(part, group)):
+                pass
+        except StackingUnsupported as error:
+            self._stop_stacking(str(error))
+
+    def _in_stacks(self, chains: list[RestrictedChain],
+                   evaluate: Callable[[list[RestrictedChain]], Any]) -> Iterator[tuple]:
+        """``(part, evaluate(part))`` for consecutive parts of at most ``batch_limit``
+        chains, the limit halved whenever a part runs out of device memory (evaluation
+        changes no chain state, so a retry is exact)."""
         start = 0
         while start < len(chains):
             part = chains[start:start + self.batch_limit]
             try:
-                check_stacking(part, group)
+                result = evaluate(part)
             except torch.OutOfMemoryError:
                 if len(part) == 1:
                     raise
                 self._shrink_batches(len(part))
                 continue
-            except StackingUnsupported as error:
-                self._stop_stacking(str(error))
-                return
+            yield part, result
             start += len(part)
 
     def _stop_stacking(self, reason: str) -> None:
@@ -386,31 +394,22 @@ class _Run:
                   hidden: torch.Tensor | None, draw: bool
                   ) -> list[tuple[RestrictedChain, ChainStep]]:
         """Every chain's step outputs. The full chain runs alone; the others one at a time,
-        or stacked in batches of at most ``batch_limit`` chains, halved whenever a batch
-        runs out of device memory (evaluation changes no chain state, so a retry is
-        exact)."""
+        or stacked (:meth:`_in_stacks`)."""
         minibatch_observable = self.config.observable == "minibatch"
         restricted = [c for c in chains if c.name != FULL]
         full = [c for c in chains if c.name == FULL]
         pairs = list(zip(full, evaluate_sequential(full, group, batch, hidden, draw,
                                                    minibatch_observable)))
-        start = 0
-        while self.stacked and start < len(restricted):
-            part = restricted[start:start + self.batch_limit]
+        done = 0
+        if self.stacked:
             try:
-                outputs = evaluate_stacked(part, group, batch, hidden, draw,
-                                           minibatch_observable)
-            except torch.OutOfMemoryError:
-                if len(part) == 1:
-                    raise
-                self._shrink_batches(len(part))
-                continue
+                for part, outputs in self._in_stacks(restricted, lambda part: evaluate_stacked(
+                        part, group, batch, hidden, draw, minibatch_observable)):
+                    pairs += zip(part, outputs)
+                    done += len(part)
             except StackingUnsupported as error:
                 self._stop_stacking(str(error))
-                break
-            pairs += zip(part, outputs)
-            start += len(part)
-        rest = restricted[start:]
+        rest = restricted[done:]
         return pairs + list(zip(rest, evaluate_sequential(rest, group, batch, hidden, draw,
                                                           minibatch_observable)))
 
