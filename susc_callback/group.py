@@ -25,6 +25,7 @@ from susc_callback.sampler import RestrictedChain
 from susc_callback.stacking import (
     StackedModules,
     StackingUnsupported,
+    parameter_owners,
     repeat_rows,
     select_rows,
 )
@@ -56,6 +57,7 @@ class GroupLosses:
                  observable_chunks: list[dict], max_rows: int | None = None) -> None:
         self.model, self.loss_fn, self.max_rows = model, loss_fn, max_rows
         self.prefix, self.depth = prefix, depth
+        self.owners = parameter_owners(model)  # which modules stacking patches
         self.probe = [(c, self.capture(c), v.reshape(-1).nonzero().squeeze(1))
                       for c, v in zip(probe_chunks, probe_valid)]
         self.observable = [(c, self.capture(c)) for c in observable_chunks]
@@ -172,7 +174,7 @@ def evaluate_stacked(chains: list[RestrictedChain], group: GroupLosses, batch: d
     names = list(dict.fromkeys(name for chain in chains for name in chain.names))
     values = {name: _stack(group.model.get_parameter(name), name, chains).requires_grad_()
               for name in names}
-    stack = StackedModules(group.model, values)
+    stack = StackedModules(group.model, values, group.owners)
     losses, grads = group.loss_and_grads(batch, hidden, list(values.values()), stack)
     by_name = dict(zip(names, grads))
     observables = tokens = None
@@ -202,11 +204,10 @@ def _stack(param: torch.Tensor, name: str, chains: list[RestrictedChain]) -> tor
 def check_stacking(chains: list[RestrictedChain], group: GroupLosses) -> None:
     """Raise :class:`StackingUnsupported` unless stacked evaluation of ``chains`` reproduces
     one-at-a-time evaluation (mean loss and gradients on the first probe chunk) with the
-    chains moved apart, chain ``j``'s entries shifted by
-    ``0.01 (1 + j / G)``. Stacking is exact only when every use of a stacked parameter goes
-    through its module's forward on the batch rows and the loss treats samples one by
-    one, which module types and call shapes alone cannot prove (e.g. a tied weight read
-    directly)."""
+    chains moved apart, chain ``j``'s entries shifted by ``0.01 (1 + j / G)``. Stacking is
+    exact only when every use of a stacked parameter goes through its module's forward on
+    the batch rows and the loss treats samples one by one, which module types and call
+    shapes alone cannot prove (e.g. a tied weight read directly)."""
     chunk, hidden, _ = group.probe[0]
     states = [chain.state for chain in chains]
     try:

@@ -35,10 +35,13 @@ class StackingUnsupported(RuntimeError):
     """A stacked module was called in a way stacking cannot reproduce exactly."""
 
 
-def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+Owners = dict[int, list[tuple[nn.Module, str]]]
+
+
+def parameter_owners(model: nn.Module) -> Owners:
     """``id(parameter) -> [(module, attribute name)]`` over every module that holds it
     (tied parameters have several owners)."""
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    owners: Owners = {}
     for module in model.modules():
         for attribute, param in module.named_parameters(recurse=False):
             owners.setdefault(id(param), []).append((module, attribute))
@@ -54,7 +57,7 @@ def _stackable(module: nn.Module) -> bool:
 def stacking_blocker(model: nn.Module, names: list[str]) -> str | None:
     """Why the parameters ``names`` cannot be stacked (a module that is not a plain
     Linear, Conv1D or LayerNorm owns one of them), or None when they can."""
-    owners = _owners(model)
+    owners = parameter_owners(model)
     for name in names:
         for module, _ in owners[id(model.get_parameter(name))]:
             if not _stackable(module):
@@ -64,11 +67,12 @@ def stacking_blocker(model: nn.Module, names: list[str]) -> str | None:
 
 class StackedModules:
     """Within :meth:`applied`, the modules owning ``values``' parameters use chain ``j``'s
-    values (``values[name][j]``, shape ``(G, *param.shape)``) on rows block ``j``."""
+    values (``values[name][j]``, shape ``(G, *param.shape)``) on rows block ``j``.
+    ``owners`` is :func:`parameter_owners` of ``model``, computed once rather than per step."""
 
-    def __init__(self, model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, values: dict[str, torch.Tensor],
+                 owners: Owners) -> None:
         self.count = len(next(iter(values.values())))
-        owners = _owners(model)
         self.stacked: dict[nn.Module, dict[str, torch.Tensor]] = {}
         for name, value in values.items():
             for module, attribute in owners[id(model.get_parameter(name))]:
