@@ -649,7 +649,10 @@ def spawn(spec: dict) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT_JSON "):
-            return json.loads(line[len("RESULT_JSON "):])
+            result = json.loads(line[len("RESULT_JSON "):])
+            if spec["job"] != "baseline":  # progress: long runs report tool by tool
+                print(f"     ({spec['tag']}: {result['time_s']:.2f} s)", flush=True)
+            return result
     sys.stderr.write(proc.stdout[-4000:] + "\n" + proc.stderr[-8000:] + "\n")
     raise RuntimeError(f"child job {spec['job']} ({spec['tag']}) failed "
                        f"with exit code {proc.returncode}")

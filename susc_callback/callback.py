@@ -33,11 +33,8 @@ from susc_callback.analysis import STANDARDIZATIONS, Standardization
 from susc_callback.components import as_components
 from susc_callback.config import SGLDConfig
 from susc_callback.data import LossFn, SamplingData
-from susc_callback.engine import (
-    check_inputs,
-    estimate_susceptibilities,
-    preserved_rng_state,
-)
+from susc_callback.engine import check_inputs, estimate_susceptibilities
+from susc_callback.isolation import preserved_rng_state
 from susc_callback.probes import ProbeSet, probe_token_texts
 from susc_callback.results import SusceptibilityResult, merge_results
 from susc_callback.schedule import Schedule

@@ -21,11 +21,9 @@ Work plan, designed to do less work rather than the same work faster:
 
 from __future__ import annotations
 
-import random
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
 
@@ -51,6 +49,7 @@ from susc_callback.group import (
     evaluate_sequential,
     evaluate_stacked,
 )
+from susc_callback.isolation import ieee_float32, preserved_rng_state
 from susc_callback.prefix import PrefixReplay
 from susc_callback.probes import ProbeSet
 from susc_callback.results import SusceptibilityResult
@@ -106,7 +105,8 @@ def estimate_susceptibilities(
     config = config or SGLDConfig()
     device = torch.device(config.device) if config.device else _model_device(model)
     # Gradients are needed even when the caller is inside no_grad() or inference_mode().
-    with preserved_rng_state(device), torch.inference_mode(False), torch.enable_grad():
+    with preserved_rng_state(device), ieee_float32(), torch.inference_mode(False), \
+            torch.enable_grad():
         resolved, data = check_inputs(model, components, sampling_data, probe, config,
                                       collate_fn=collate_fn)  # collating may draw randoms
         snapshot = _float32_snapshot(model, device)
@@ -137,19 +137,6 @@ def check_inputs(model: nn.Module, components: Any, sampling_data: Any, probe: P
                         f"{type(sample).__name__}; pass a collate_fn that returns one")
     _check_fits_model(model, sample, "sampling_data")
     return resolved, data
-
-
-@contextmanager
-def preserved_rng_state(device: torch.device):
-    """Restore the torch (CPU and CUDA), numpy and python RNG states on exit."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    cuda = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=cuda):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 def _check_data_size(size: int, config: SGLDConfig) -> None:

@@ -23,6 +23,10 @@ def single_thread():
 
 VOCAB, CONTEXT = 64, 16
 
+# Tests parametrized over DEVICES also run on a CUDA device when there is one.
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+
 
 def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     torch.manual_seed(seed)

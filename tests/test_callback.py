@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONTEXT, VOCAB, tiny_gpt2
+from conftest import CONTEXT, DEVICES, VOCAB, tiny_gpt2
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -44,10 +44,11 @@ def snapshot_config(**changes) -> SGLDConfig:
 
 
 def make_trainer(output_dir: Path, callbacks: list, max_steps: int = 6, save_steps: int = 0,
-                 report_to: str = "tensorboard") -> Trainer:
+                 report_to: str = "tensorboard", device: str = "cpu") -> Trainer:
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4,
-        learning_rate=1e-3, logging_steps=1, report_to=report_to, seed=0, use_cpu=True,
+        learning_rate=1e-3, logging_steps=1, report_to=report_to, seed=0,
+        use_cpu=device == "cpu",
         disable_tqdm=True, save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500, dataloader_num_workers=0)
     return Trainer(model=tiny_gpt2(0, **DROPOUT), args=args, train_dataset=TokenDataset(),
@@ -72,12 +73,13 @@ def scalar_steps(log_dir: Path, tag: str) -> list[int]:
     return [event.step for event in accumulator.Scalars(tag)]
 
 
-def test_training_is_bitwise_unchanged_by_snapshots(tmp_path, probe):
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_is_bitwise_unchanged_by_snapshots(tmp_path, probe, device):
     """Dropout on, snapshots every 2 steps: weights, optimizer state and logged losses equal
     those of the same run without the callback, bit for bit."""
-    plain = make_trainer(tmp_path / "plain", [])
+    plain = make_trainer(tmp_path / "plain", [], device=device)
     plain.train()
-    watched = make_trainer(tmp_path / "watched", [make_callback(probe)])
+    watched = make_trainer(tmp_path / "watched", [make_callback(probe)], device=device)
     watched.train()
 
     assert sorted(saved_steps(tmp_path / "watched" / "susceptibility")) == [2, 4, 6]

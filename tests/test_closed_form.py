@@ -90,6 +90,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import NEEDS_CUDA
 from scipy.linalg import solve_discrete_lyapunov
 from torch import nn
 
@@ -243,7 +244,7 @@ def loss_fn(model, batch):
     return losses
 
 
-def run_engine(problem, names, j=None, h=0.0):
+def run_engine(problem, names, j=None, h=0.0, device=None):
     model = nn.Linear(D_IN, D_OUT, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor(problem.wstar.reshape(D_OUT, D_IN)))
@@ -260,7 +261,8 @@ def run_engine(problem, names, j=None, h=0.0):
                             allow_overlap=True) for n in names]
     config = SGLDConfig(step_size=EPS, n_beta=N_BETA, gamma=GAMMA, num_chains=CHAINS,
                         num_draws=DRAWS, num_burnin=BURNIN, batch_size=N, observable="fixed",
-                        observable_sequences=N, eval_batch_size=N, seed=0, progress=False)
+                        observable_sequences=N, eval_batch_size=N, seed=0, progress=False,
+                        device=device)
     result = estimate_susceptibilities(model, components, data, probe, config, loss_fn=loss_fn)
     assert result.component_names == list(names)
     return result
@@ -376,7 +378,17 @@ def test_ground_truth_is_consistent(problem, replicates):
 
 def test_engine_matches_closed_form(problem, engine, replicates):
     """chi, mean_phi, rllc, llc_full and L(w*) of the engine against the exact values."""
-    result = engine[0]
+    assert_matches_closed_form(problem, engine[0], replicates)
+
+
+@NEEDS_CUDA
+def test_engine_matches_closed_form_on_cuda(problem, replicates):
+    """The same on a GPU (its own noise streams, so other draws, same tolerances)."""
+    assert_matches_closed_form(problem, run_engine(problem, list(COMPONENTS), device="cuda"),
+                               replicates)
+
+
+def assert_matches_closed_form(problem, result, replicates):
     for row, (name, idx) in enumerate(COMPONENTS.items()):
         e_phi, chi = problem.exact(idx)
         chi_se = se(replicates["chi"][name])

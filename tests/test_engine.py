@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_gpt2
+from conftest import DEVICES, NEEDS_CUDA, tiny_gpt2
 
 from susc_callback import (
     ChainDivergedError,
@@ -40,52 +40,56 @@ def _token_losses(model, batch):
     return losses, valid
 
 
-def _reference_draws(model, masks, data, probe, cfg, name):
-    """(L, l_x) at every draw of every chain, computed the plain way."""
+def _reference_draws(model, masks, data, probe, cfg, name, device="cpu"):
+    """(L, l_x) at every draw of every chain, computed the plain way on ``device``."""
+    device = torch.device(device)
     m = cfg.observable_sequences
     order = torch.randperm(len(data), generator=make_generator(
         torch.device("cpu"), chain_seed(cfg.seed, "observable")))
-    observable = {"input_ids": data[order[:m]]}
-    probe_batch = {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask}
+    observable = {"input_ids": data[order[:m]].to(device)}
+    probe_batch = {"input_ids": probe.input_ids.to(device),
+                   "attention_mask": probe.attention_mask.to(device)}
     draws = []
     for chain in range(cfg.num_chains):
-        work = copy.deepcopy(model).float().eval()
+        work = copy.deepcopy(model).float().eval().to(device)
         params = dict(work.named_parameters())
         start = {k: v.detach().clone() for k, v in params.items()}
-        noise = make_generator(torch.device("cpu"), chain_seed(cfg.seed, "noise", name, chain))
+        noise = make_generator(device, chain_seed(cfg.seed, "noise", name, chain))
         batches = make_generator(torch.device("cpu"), chain_seed(cfg.seed, "batches", chain))
         perm = torch.empty(0, dtype=torch.long)
         for _ in range(cfg.num_steps):
             if len(perm) < cfg.batch_size:
                 perm = torch.randperm(len(data), generator=batches)
             index, perm = perm[:cfg.batch_size], perm[cfg.batch_size:]
-            losses, valid = _token_losses(work, {"input_ids": data[index]})
+            losses, valid = _token_losses(work, {"input_ids": data[index].to(device)})
             loss = losses[valid].mean()
             work.zero_grad()
             loss.backward()
             with torch.no_grad():
                 obs_losses, obs_valid = _token_losses(work, observable)
                 probe_losses, probe_valid = _token_losses(work, probe_batch)
-                draws.append((obs_losses[obs_valid].mean().double(),
-                               probe_losses[probe_valid].double()))
+                draws.append((obs_losses[obs_valid].mean().double().cpu(),
+                               probe_losses[probe_valid].double().cpu()))
                 for pname, mask in masks.items():
                     p = params[pname]
                     sel = torch.ones_like(p, dtype=torch.bool) if mask is None else mask
                     u, u0 = p[sel], start[pname][sel]
-                    xi = torch.randn(u.shape, generator=noise)
+                    xi = torch.randn(u.shape, generator=noise, device=device)
                     u = u - cfg.step_size / 2 * (cfg.n_beta * p.grad[sel]
                                                  + cfg.gamma * (u - u0)) + cfg.step_size**0.5 * xi
                     p[sel] = u
     return draws
 
 
-def test_engine_matches_brute_force_reference(gpt2, probe, sampling_ids, config):
+@pytest.mark.parametrize("device", DEVICES)
+def test_engine_matches_brute_force_reference(gpt2, probe, sampling_ids, config, device):
     """Prefix replay, lockstep groups and pruned backward give the plain loop's numbers."""
     heads = head_components(gpt2)
     chosen = [heads[0], heads[3]]  # one head in each layer: prefix depth 0 and 1
-    result = _estimate(gpt2, probe, sampling_ids, config, components=chosen)
+    result = _estimate(gpt2, probe, sampling_ids, config.replace(device=device),
+                       components=chosen)
     full_masks = {name: None for name, _ in gpt2.named_parameters()}
-    full = _reference_draws(gpt2, full_masks, sampling_ids, probe, config, "full")
+    full = _reference_draws(gpt2, full_masks, sampling_ids, probe, config, "full", device)
     anchor_ids = sampling_ids[torch.randperm(len(sampling_ids), generator=make_generator(
         torch.device("cpu"), chain_seed(config.seed, "observable")))[:4]]
     with torch.no_grad():
@@ -94,7 +98,7 @@ def test_engine_matches_brute_force_reference(gpt2, probe, sampling_ids, config)
     e_full = torch.stack([lx - L for L, lx in full]).mean(0)
     for row, component in enumerate(chosen):
         draws = _reference_draws(gpt2, component.masks, sampling_ids, probe, config,
-                                 component.name)
+                                 component.name, device)
         phi = torch.stack([L - anchor for L, _ in draws])
         delta = torch.stack([lx - L for L, lx in draws])
         chi = -((phi[:, None] * delta).mean(0) - phi.mean() * e_full)
@@ -124,28 +128,53 @@ def _assert_same_state(before, after):
 
 
 def _rng_state():
-    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(), cuda
 
 
 def _assert_same_rng(before, after):
     assert torch.equal(before[0], after[0])
     assert np.array_equal(before[1], after[1])
     assert before[2] == after[2]
+    assert len(before[3]) == len(after[3])
+    assert all(torch.equal(a, b) for a, b in zip(before[3], after[3]))
 
 
-def _prepared_model():
-    model = tiny_gpt2(resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1).train()
+def _prepared_model(device="cpu"):
+    model = tiny_gpt2(resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1).train().to(device)
     model.transformer.wpe.weight.requires_grad_(False)  # a frozen flag that must survive
-    model(input_ids=torch.zeros(2, 4, dtype=torch.long)).logits.sum().backward()
+    model(input_ids=torch.zeros(2, 4, dtype=torch.long, device=device)).logits.sum().backward()
     return model
 
 
-def test_caller_model_and_rng_untouched(probe, sampling_ids, config):
-    model = _prepared_model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_caller_model_and_rng_untouched(probe, sampling_ids, config, device):
+    model = _prepared_model(device)
     before, rng = _model_state(model), _rng_state()
     _estimate(model, probe, sampling_ids, config)
     _assert_same_state(before, _model_state(model))
     _assert_same_rng(rng, _rng_state())
+
+
+def test_tf32_is_off_inside_and_restored_after(gpt2, probe, sampling_ids, config):
+    """A script that allows TF32 matmuls gets true float32 sampling and its setting back."""
+    matmul = torch.backends.cuda.matmul
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(matmul.fp32_precision)
+        logits = m(input_ids=batch["input_ids"]).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:],
+                               reduction="none")
+
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        _estimate(gpt2, probe, sampling_ids, config, loss_fn=loss_fn)
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = saved
+    assert seen and set(seen) == {"ieee"}
 
 
 def test_caller_model_and_rng_untouched_when_a_chain_diverges(probe, sampling_ids, config):
@@ -205,8 +234,10 @@ def test_restricted_chain_moves_exactly_its_entries(gpt2, probe, sampling_ids, c
 
 # -- seeding --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("device", DEVICES)
 def test_fixed_seed_reproduces_and_components_are_independent(gpt2, probe, sampling_ids,
-                                                              config):
+                                                              config, device):
+    gpt2.to(device)
     heads = head_components(gpt2)
     together = _estimate(gpt2, probe, sampling_ids, config, components=heads)
     again = _estimate(gpt2, probe, sampling_ids, config, components=heads)
@@ -348,13 +379,26 @@ def test_prefix_replay_matches_full_forward(model_type, probe, sampling_ids, con
     np.testing.assert_allclose(replayed.rllc, recomputed.rllc, rtol=1e-4, atol=1e-8)
 
 
-@pytest.mark.parametrize(("model_type", "components"), [
-    ("gpt2", "heads,mlp"), ("gpt2", "norms"), ("llama", "heads,mlp"),
-    ("gpt_neox", "heads,mlp"), ("gpt_neox", "layers")])
-def test_stacked_chains_match_sequential(model_type, components, probe, sampling_ids, config):
+@pytest.mark.parametrize(("model_type", "components", "device"), [
+    ("gpt2", "heads,mlp", "cpu"), ("gpt2", "norms", "cpu"), ("llama", "heads,mlp", "cpu"),
+    ("gpt_neox", "heads,mlp", "cpu"), ("gpt_neox", "layers", "cpu"),
+    pytest.param("gpt2", "heads,mlp", "cuda", marks=NEEDS_CUDA)])
+def test_stacked_chains_match_sequential(model_type, components, device, probe, sampling_ids,
+                                         config):
     """A group's chains stacked into one batch (at most 3 chains per batch, forward passes
-    sliced to 4 rows) give the one-at-a-time numbers: Linear, Conv1D and LayerNorm."""
+    sliced to 4 rows) give the one-at-a-time numbers: Linear, Conv1D and LayerNorm. On a
+    GPU with TF32 allowed by the caller: the engine computes in true float32."""
     model = tiny_gpt2() if model_type == "gpt2" else _tiny_causal_lm(model_type)
+    model.to(device)
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.allow_tf32 = True  # what a training script may have done
+    try:
+        _assert_stacking_exact(model, components, probe, sampling_ids, config)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def _assert_stacking_exact(model, components, probe, sampling_ids, config):
     if components == "norms":  # two LayerNorms of one block: one group of two chains
         components = {f"ln_{i}": {f"transformer.h.0.ln_{i}.weight": None,
                                   f"transformer.h.0.ln_{i}.bias": None} for i in (1, 2)}
