@@ -64,8 +64,16 @@ class SamplingData:
             batch = self._collate([self._examples[int(i)] for i in indices])
             if isinstance(batch, torch.Tensor):
                 batch = {"input_ids": batch}
-        return {key: value.to(device) if isinstance(value, torch.Tensor) else value
+        return {key: _to_device(value, device) if isinstance(value, torch.Tensor) else value
                 for key, value in batch.items()}
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy from pageable host memory makes the host wait for the GPU's queue; one from
+    pinned memory does not (PyTorch keeps the pinned block until the copy is done)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def causal_lm_token_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]

@@ -41,6 +41,7 @@ from susc_callback.components import (
 )
 from susc_callback.config import SGLDConfig
 from susc_callback.data import LossFn, SamplingData, token_losses
+from susc_callback.divergence import DivergenceWatch
 from susc_callback.estimator import DrawSums, susceptibilities
 from susc_callback.group import (
     ChainStep,
@@ -57,6 +58,8 @@ from susc_callback.sampler import RestrictedChain, chain_seed, make_generator
 from susc_callback.stacking import StackingUnsupported, stacking_blocker
 
 FULL = "full"
+DIVERGENCE_READ_EVERY = 16  # steps between reads of the divergence flags (each waits for
+                            # the device)
 
 
 class ChainDivergedError(RuntimeError):
@@ -297,6 +300,7 @@ class _Run:
                 self._check_stacking([c for c in chains if c.name != FULL], group)
             batches = _EpochSampler(len(self.data), cfg.batch_size,
                                     chain_seed(cfg.seed, "batches", chain_index))
+            watch = DivergenceWatch(cfg.num_steps, self.device)
             for step_index in range(cfg.num_steps):
                 batch = self.data.batch(batches.next(), self.device)
                 draw = _draw_index(step_index, cfg)
@@ -310,9 +314,13 @@ class _Run:
                 if at_checkpoint:
                     _share_draw(evaluated, *checkpoint)
                 for chain, output in evaluated:
-                    if not self._advance(chain, output, chain_index, step_index, draw, anchor,
-                                         sums[chain.name]):
-                        chains.remove(chain)
+                    self._advance(chain, output, chain_index, step_index, draw, anchor,
+                                  sums[chain.name], watch)
+                if (step_index + 1) % DIVERGENCE_READ_EVERY == 0 or \
+                        step_index + 1 == cfg.num_steps:
+                    for name, bad_step, problem in watch.diverged(step_index + 1):
+                        self._diverged(name, chain_index, bad_step, problem)
+                        chains = [c for c in chains if c.name != name]
                 bar.update(len(members))
 
     def _checkpoint_draw(self, group: GroupLosses) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -408,23 +416,16 @@ class _Run:
             torch.cuda.empty_cache()
 
     def _advance(self, chain: RestrictedChain, output: ChainStep, chain_index: int,
-                 step_index: int, draw: int | None, anchor: torch.Tensor,
-                 sums: DrawSums) -> bool:
-        """Record a draw, apply the SGLD update; False (after reporting) if it diverged."""
+                 step_index: int, draw: int | None, anchor: torch.Tensor, sums: DrawSums,
+                 watch: DivergenceWatch) -> None:
+        """Record a draw and apply the SGLD update; non-finite values are flagged in
+        ``watch`` (a diverged chain's draws only reach its own component's sums)."""
         cfg = self.config
-        problem = None
         if draw is not None:
-            problem = _nonfinite(observable_loss=output.observable,
-                                 probe_token_losses=output.tokens)
-            if problem is None:
-                sums.add(chain_index, draw, output.observable, anchor, output.tokens)
+            sums.add(chain_index, draw, output.observable, anchor, output.tokens)
         chain.step(output.grads, step_size=cfg.step_size, n_beta=cfg.n_beta, gamma=cfg.gamma)
-        problem = problem or _nonfinite(minibatch_loss=output.loss) or (
-            None if chain.is_finite() else "non-finite weights")
-        if problem is None:
-            return True
-        self._diverged(chain.name, chain_index, step_index, problem)
-        return False
+        watch.record(chain.name, step_index, output.observable if draw is not None else None,
+                     output.tokens if draw is not None else None, output.loss, chain.state)
 
     def _diverged(self, name: str, chain: int, step: int, problem: str) -> None:
         error = ChainDivergedError(name, chain, step, problem)
@@ -486,14 +487,6 @@ def _share_draw(evaluated: list[tuple[RestrictedChain, ChainStep]],
     for _, output in evaluated:
         output.observable = output.loss if observable is None else observable
         output.tokens = tokens
-
-
-def _nonfinite(**values: torch.Tensor) -> str | None:
-    """Names the first non-finite value, e.g. "non-finite probe token losses"."""
-    for what, value in values.items():
-        if not bool(torch.isfinite(value).all()):
-            return f"non-finite {what.replace('_', ' ')}"
-    return None
 
 
 class _EpochSampler:

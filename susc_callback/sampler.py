@@ -106,7 +106,3 @@ class RestrictedChain:
         restricted = [self._read(g, i) for g, i in zip(grads, self.indices)]
         sgld_update(self.state, restricted, self.anchors, step_size=step_size, n_beta=n_beta,
                     gamma=gamma, generator=self.generator)
-
-    def is_finite(self) -> bool:
-        """Whether every current value is finite."""
-        return all(bool(torch.isfinite(u).all()) for u in self.state)

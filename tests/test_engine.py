@@ -20,6 +20,7 @@ from susc_callback import (
     head_components,
 )
 from susc_callback.components import resolve_components
+from susc_callback.divergence import DivergenceWatch
 from susc_callback.sampler import chain_seed, make_generator
 
 
@@ -679,3 +680,23 @@ def test_first_draw_at_the_checkpoint_is_evaluated_once_per_group(gpt2, probe, s
     moved = _estimate(gpt2, probe, sampling_ids, config.replace(num_burnin=1))
     at_anchor = np.broadcast_to(moved.anchor_loss[:, None], moved.loss_traces.shape[:2])
     assert not np.array_equal(moved.loss_traces[:, :, 0], at_anchor)  # burn-in: not shared
+
+
+def test_divergence_watch_reports_the_first_bad_step_of_each_chain_once():
+    """Flags are read in blocks of steps; the first bad step and value are named."""
+    watch = DivergenceWatch(num_steps=40, device=torch.device("cpu"))
+    finite, loss = [torch.ones(3), torch.ones(2, 2)], torch.tensor(2.0)
+    for step in range(40):
+        tokens = torch.ones(5)
+        if step >= 22:
+            tokens[3] = float("nan")
+        weights = [torch.ones(3), torch.tensor([[1.0, -float("inf")], [0.0, 0.0]])] \
+            if step >= 30 else finite
+        draw = step % 2 == 0  # observable and tokens only at draws
+        watch.record("a", step, loss if draw else None, tokens if draw else None, loss, finite)
+        watch.record("b", step, None, None, loss, weights)
+        if step == 15:
+            assert watch.diverged(16) == []
+    assert watch.diverged(40) == [("a", 22, "non-finite probe token losses"),
+                                  ("b", 30, "non-finite weights")]
+    assert watch.diverged(40) == []
