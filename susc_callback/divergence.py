@@ -23,7 +23,7 @@ class DivergenceWatch:
         self.num_steps, self.device = num_steps, device
         self.magnitudes: dict[str, torch.Tensor] = {}  # chain -> (steps, len(WATCHED))
         self.read_up_to = 0
-        self._zero = torch.zeros((), device=device)
+        self._zero = torch.zeros((), dtype=torch.float64, device=device)
 
     def record(self, chain: str, step: int, observable: torch.Tensor | None,
                tokens: torch.Tensor | None, loss: torch.Tensor,
@@ -31,11 +31,16 @@ class DivergenceWatch:
         """One step of one chain; ``observable`` and ``tokens`` only at a draw."""
         if chain not in self.magnitudes:
             self.magnitudes[chain] = torch.zeros((self.num_steps, len(WATCHED)),
-                                                 device=self.device)
-        draw = [self._zero, self._zero] if observable is None else [_largest(observable),
-                                                                    _largest(tokens)]
-        weights_largest = torch.stack([_largest(w) for w in weights]).amax()
-        self.magnitudes[chain][step] = torch.stack([*draw, _largest(loss), weights_largest])
+                                                 dtype=torch.float64, device=self.device)
+        losses = [loss] if observable is None else [observable, tokens, loss]
+        # max |value| of every tensor, in one multi-tensor kernel: NaN or inf exactly when
+        # some entry is
+        largest = torch.stack(torch._foreach_norm([v.detach() for v in losses + list(weights)],
+                                                  float("inf")))
+        draw = [self._zero, self._zero] if observable is None else [largest[0], largest[1]]
+        count = len(losses)
+        self.magnitudes[chain][step] = torch.stack([*draw, largest[count - 1],
+                                                    largest[count:].amax()])
 
     def diverged(self, up_to: int) -> list[tuple[str, int, str]]:
         """``(chain, first bad step, what)`` for every chain with a non-finite value in the
@@ -56,7 +61,3 @@ class DivergenceWatch:
         self.read_up_to = up_to
         return found
 
-
-def _largest(value: torch.Tensor) -> torch.Tensor:
-    """max |value| as a float32 scalar: NaN or inf exactly when some entry is."""
-    return torch.linalg.vector_norm(value.detach(), float("inf")).float()

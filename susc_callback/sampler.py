@@ -21,13 +21,16 @@ def sgld_update(entries: list[torch.Tensor], grads: list[torch.Tensor],
                + sqrt(step_size) * N(0, I)
 
     ``entries`` = u, ``grads`` = dL/du of the mean minibatch loss, ``anchors`` = u* (the
-    checkpoint's values). Noise is drawn only for the entries that move.
+    checkpoint's values). Noise is drawn only for the entries that move, tensor by tensor.
+    The arithmetic uses PyTorch's multi-tensor (``_foreach``) kernels, as ``torch.optim``
+    does: on a GPU each operation is one launch for all of the component's tensors.
     """
-    noise_scale = math.sqrt(step_size)
-    for u, grad, anchor in zip(entries, grads, anchors, strict=True):
-        drift = grad.mul(n_beta).add_(u - anchor, alpha=gamma)
-        noise = torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
-        u.add_(drift, alpha=-step_size / 2).add_(noise, alpha=noise_scale)
+    drift = torch._foreach_mul(grads, n_beta)
+    torch._foreach_add_(drift, torch._foreach_sub(entries, anchors), alpha=gamma)
+    noise = [torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
+             for u in entries]
+    torch._foreach_add_(entries, drift, alpha=-step_size / 2)
+    torch._foreach_add_(entries, noise, alpha=math.sqrt(step_size))
 
 
 def chain_seed(seed: int, *labels: object) -> int:

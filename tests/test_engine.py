@@ -687,7 +687,7 @@ def test_divergence_watch_reports_the_first_bad_step_of_each_chain_once():
     watch = DivergenceWatch(num_steps=40, device=torch.device("cpu"))
     finite, loss = [torch.ones(3), torch.ones(2, 2)], torch.tensor(2.0)
     for step in range(40):
-        tokens = torch.ones(5)
+        tokens = torch.ones(5, dtype=torch.float64)  # a loss_fn may return any float dtype
         if step >= 22:
             tokens[3] = float("nan")
         weights = [torch.ones(3), torch.tensor([[1.0, -float("inf")], [0.0, 0.0]])] \
