@@ -309,8 +309,19 @@ class _Run:
                     if draw is not None and minibatch_observable and cfg.anchor == "exact":
                         anchor = group.mean([(batch, hidden)])[0]
                 at_checkpoint = step_index == 0 and checkpoint is not None
-                evaluated = self._evaluate(chains, group, batch, hidden,
-                                           draw is not None and not at_checkpoint)
+                try:
+                    evaluated = self._evaluate(chains, group, batch, hidden,
+                                               draw is not None and not at_checkpoint)
+                except Exception:
+                    # A chain that diverged since the last read may have made a loss_fn
+                    # raise on its non-finite weights: report it and retry the step without
+                    # it (evaluation changes no chain state).
+                    diverged = watch.diverged(step_index)
+                    if not diverged:
+                        raise
+                    chains = self._drop_diverged(chains, diverged, chain_index, sums)
+                    evaluated = self._evaluate(chains, group, batch, hidden,
+                                               draw is not None and not at_checkpoint)
                 if at_checkpoint:
                     _share_draw(evaluated, *checkpoint)
                 for chain, output in evaluated:
@@ -318,10 +329,22 @@ class _Run:
                                   sums[chain.name], watch)
                 if (step_index + 1) % DIVERGENCE_READ_EVERY == 0 or \
                         step_index + 1 == cfg.num_steps:
-                    for name, bad_step, problem in watch.diverged(step_index + 1):
-                        self._diverged(name, chain_index, bad_step, problem)
-                        chains = [c for c in chains if c.name != name]
+                    chains = self._drop_diverged(chains, watch.diverged(step_index + 1),
+                                                 chain_index, sums)
                 bar.update(len(members))
+
+    def _drop_diverged(self, chains: list[RestrictedChain],
+                       diverged: list[tuple[str, int, str]], chain_index: int,
+                       sums: dict[str, DrawSums]) -> list[RestrictedChain]:
+        """Report diverged chains, earliest first (:meth:`_diverged` raises where it
+        must), blank their draws from the first bad step on, and return the others."""
+        for name, bad_step, problem in sorted(diverged, key=lambda found: found[1]):
+            self._diverged(name, chain_index, bad_step, problem)
+            first_bad_draw = -(-max(bad_step - self.config.num_burnin, 0)
+                               // self.config.steps_between_draws)
+            sums[name].loss_trace[chain_index, first_bad_draw:] = float("nan")
+        names = {name for name, _, _ in diverged}
+        return [c for c in chains if c.name not in names]
 
     def _checkpoint_draw(self, group: GroupLosses) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The observable loss (None when it is the minibatch's) and the probe token losses

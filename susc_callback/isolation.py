@@ -26,7 +26,8 @@ def preserved_rng_state(device: torch.device) -> Iterator[None]:
 
 @contextmanager
 def ieee_float32() -> Iterator[None]:
-    """True float32 matmuls and convolutions inside the block (no TF32), restored on exit.
+    """True float32 matmuls and convolutions inside the block (no TF32 or bfloat16 matmuls),
+    restored on exit.
 
     Sampling is defined in float32, and stacked chains are checked against one-at-a-time
     evaluation at float32 tolerances; TF32 (10-bit mantissas), which a training script may
@@ -36,7 +37,9 @@ def ieee_float32() -> Iterator[None]:
     """
     backends = torch.backends
     if hasattr(backends.cuda.matmul, "fp32_precision"):
-        settings = [backends.cuda.matmul, backends.cudnn.conv, backends.cudnn.rnn]
+        # mkldnn: "medium" precision lets oneDNN compute float32 matmuls in bfloat16 on a CPU
+        settings = [backends.cuda.matmul, backends.cudnn.conv, backends.cudnn.rnn,
+                    backends.mkldnn.matmul, backends.mkldnn.conv, backends.mkldnn.rnn]
         saved = [setting.fp32_precision for setting in settings]
         try:
             for setting in settings:

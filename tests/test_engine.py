@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICES, NEEDS_CUDA, tiny_gpt2
+from torch import nn
 
 from susc_callback import (
     ChainDivergedError,
@@ -157,25 +158,40 @@ def test_caller_model_and_rng_untouched(probe, sampling_ids, config, device):
     _assert_same_rng(rng, _rng_state())
 
 
-def test_tf32_is_off_inside_and_restored_after(gpt2, probe, sampling_ids, config):
-    """A script that allows TF32 matmuls gets true float32 sampling and its setting back."""
-    matmul = torch.backends.cuda.matmul
+NEW_PRECISION_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")  # torch >= 2.9
+
+
+@pytest.mark.parametrize("allow", ["tf32 (new API)", "medium (legacy API)"])
+def test_reduced_precision_matmuls_are_off_inside_and_restored_after(gpt2, probe, sampling_ids,
+                                                                     config, allow):
+    """A script that allows TF32 (GPU) or bfloat16 (oneDNN, CPU) float32 matmuls gets true
+    float32 sampling, and its setting back."""
+    if not NEW_PRECISION_API:
+        pytest.skip("PyTorch < 2.9 has no per-backend fp32_precision settings")
+    backends = torch.backends
     seen = []
 
     def loss_fn(m, batch):
-        seen.append(matmul.fp32_precision)
+        seen.append((backends.cuda.matmul.fp32_precision, backends.mkldnn.matmul.fp32_precision))
         logits = m(input_ids=batch["input_ids"]).logits
         return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:],
                                reduction="none")
 
-    saved = matmul.fp32_precision
+    saved = (backends.cuda.matmul.fp32_precision, backends.mkldnn.matmul.fp32_precision)
     try:
-        matmul.fp32_precision = "tf32"
+        if allow.startswith("tf32"):
+            backends.cuda.matmul.fp32_precision = "tf32"
+        else:
+            torch.set_float32_matmul_precision("medium")
+        before = (backends.cuda.matmul.fp32_precision, backends.mkldnn.matmul.fp32_precision)
         _estimate(gpt2, probe, sampling_ids, config, loss_fn=loss_fn)
-        assert matmul.fp32_precision == "tf32"
+        assert (backends.cuda.matmul.fp32_precision,
+                backends.mkldnn.matmul.fp32_precision) == before
+        if allow.startswith("medium"):
+            assert torch.get_float32_matmul_precision() == "medium"
     finally:
-        matmul.fp32_precision = saved
-    assert seen and set(seen) == {"ieee"}
+        backends.cuda.matmul.fp32_precision, backends.mkldnn.matmul.fp32_precision = saved
+    assert seen and set(seen) == {("ieee", "ieee")}
 
 
 def test_caller_model_and_rng_untouched_when_a_chain_diverges(probe, sampling_ids, config):
@@ -391,6 +407,9 @@ def test_stacked_chains_match_sequential(model_type, components, device, probe, 
     GPU with TF32 allowed by the caller: the engine computes in true float32."""
     model = tiny_gpt2() if model_type == "gpt2" else _tiny_causal_lm(model_type)
     model.to(device)
+    if not NEW_PRECISION_API:
+        _assert_stacking_exact(model, components, probe, sampling_ids, config)
+        return
     saved = torch.backends.cuda.matmul.fp32_precision
     torch.backends.cuda.matmul.allow_tf32 = True  # what a training script may have done
     try:
@@ -700,3 +719,69 @@ def test_divergence_watch_reports_the_first_bad_step_of_each_chain_once():
     assert watch.diverged(40) == [("a", 22, "non-finite probe token losses"),
                                   ("b", 30, "non-finite weights")]
     assert watch.diverged(40) == []
+
+
+class _TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _run_poisoned(poison, refuse_nonfinite=False, **changes):
+    """Components ``a`` and ``b``; the minibatch loss of component ``name``'s chain 0 is NaN
+    at its ``poison[name]``-th evaluation with grad (its step, until a step is re-run).
+    ``refuse_nonfinite``: like a loss with argument validation, raise on non-finite
+    weights."""
+    calls = {}
+
+    def loss_fn(m, batch):
+        if refuse_nonfinite and not all(bool(torch.isfinite(p).all()) for p in m.parameters()):
+            raise ValueError("non-finite weights reached the loss")
+        losses = 0.5 * ((batch["y"] - m(batch["x"])) ** 2).sum(-1)
+        moving = [n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad]
+        if torch.is_grad_enabled() and len(moving) == 1:
+            step = calls[moving[0]] = calls.get(moving[0], -1) + 1
+            if poison.get(moving[0]) == step:
+                losses = losses * float("nan")
+        return losses
+
+    generator = torch.Generator().manual_seed(1)
+    data = {"x": torch.randn(32, 4, generator=generator),
+            "y": torch.randn(32, 2, generator=generator)}
+    probe = ProbeSet.from_batch({"x": torch.randn(5, 4, generator=generator),
+                                 "y": torch.randn(5, 2, generator=generator)})
+    config = SGLDConfig(num_chains=1, num_draws=40, batch_size=4, observable_sequences=4,
+                        step_size=1e-4, n_beta=1.0, gamma=1.0, progress=False,
+                        batch_chains="off", **changes)
+    components = [Component(n, {f"{n}.weight": None}) for n in ("a", "b")]
+    return estimate_susceptibilities(_TwoLinear(), components, data, probe, config,
+                                     loss_fn=loss_fn)
+
+
+def test_the_earliest_divergence_is_reported_first():
+    """Divergence flags are read every 16 steps; within one read, earliest step first."""
+    with pytest.raises(ChainDivergedError, match="component 'b' diverged at step 3"):
+        _run_poisoned({"a": 10, "b": 3})
+    with pytest.warns(RuntimeWarning) as caught:
+        result = _run_poisoned({"a": 10, "b": 3}, on_divergence="mark")
+    messages = [str(w.message) for w in caught if "diverged" in str(w.message)]
+    assert ["'b' diverged at step 3" in messages[0], "'a' diverged at step 10" in messages[1]] \
+        == [True, True]
+    assert list(result.failed) == ["b", "a"]
+    # draws from the first bad step on are blanked (here one draw per step)
+    for row, bad_step in ((1, 3), (0, 10)):
+        trace = result.loss_traces[row, 0]
+        assert np.isfinite(trace[:bad_step]).all() and np.isnan(trace[bad_step:]).all()
+
+
+def test_a_diverged_chain_that_makes_the_loss_raise_is_dropped():
+    """A chain evaluated with non-finite weights before its divergence is read back: the
+    step is re-run without it, and the other component is kept."""
+    with pytest.warns(RuntimeWarning, match="component 'a' diverged at step 0"):
+        result = _run_poisoned({"a": 0}, refuse_nonfinite=True, on_divergence="mark")
+    assert list(result.failed) == ["a"] and np.isfinite(result.chi[1]).all()
+
