@@ -233,7 +233,7 @@ def engine_sampling_order(sampling, m: int):
     changes nothing else. Returns (engine data, observable rows of ``sampling``)."""
     import torch
 
-    from susc_callback.sampler import chain_seed, make_generator
+    from susc_callback.sampler.sgld import chain_seed, make_generator
 
     n = len(sampling)
     wanted = devinterp_observable_indices(n, m)

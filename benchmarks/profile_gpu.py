@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_engine  # noqa: E402
 
-import susc_callback.engine  # noqa: E402
+import susc_callback.estimator.engine  # noqa: E402
 
 
 def main() -> int:
@@ -57,7 +57,8 @@ def main() -> int:
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
     ieee = timed(workload, f"{workload.name}, true float32")
-    susc_callback.engine.ieee_float32 = contextlib.nullcontext  # let the TF32 setting through
+    # let the TF32 setting through
+    susc_callback.estimator.engine.ieee_float32 = contextlib.nullcontext
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     tf32 = timed(workload, f"{workload.name}, TF32 allowed")
     a, b = ieee.chi.ravel(), tf32.chi.ravel()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from susc_callback import SusceptibilityPCA, SusceptibilityResult
-from susc_callback.analysis import Standardization
+from susc_callback.analysis.pca import Standardization
 
 
 def separation_margin(loadings: np.ndarray, names: list[str], group: set[str]) -> float:

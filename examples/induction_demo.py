@@ -38,7 +38,7 @@ from transformers.utils import logging as hf_logging
 
 from susc_callback import ProbeSet, Schedule, SGLDConfig, SusceptibilityCallback
 from susc_callback.cli import load_results
-from susc_callback.report import write_report
+from susc_callback.logging.report import write_report
 
 CONTEXT, VOCAB_SIZE, THRESHOLD = 64, 512, 0.3
 SCOPES = ("whole_model", "layer0", "layer1", "layer0_spectroscopy", "layer1_spectroscopy")

@@ -2,18 +2,18 @@
 
 from typing import TYPE_CHECKING
 
-from susc_callback.analysis import SusceptibilityPCA, align_loadings, standardize
-from susc_callback.architectures import head_components, layer_components
-from susc_callback.components import Component
+from susc_callback.analysis.pca import SusceptibilityPCA, align_loadings, standardize
+from susc_callback.analysis.series import SnapshotSeries
+from susc_callback.callback.schedule import Schedule
+from susc_callback.components.architectures import head_components, layer_components
+from susc_callback.components.component import Component
 from susc_callback.config import SGLDConfig
-from susc_callback.engine import ChainDivergedError, estimate_susceptibilities
-from susc_callback.probes import ProbeSet
-from susc_callback.results import SusceptibilityResult
-from susc_callback.schedule import Schedule
-from susc_callback.series import SnapshotSeries
+from susc_callback.data.probes import ProbeSet
+from susc_callback.estimator.engine import ChainDivergedError, estimate_susceptibilities
+from susc_callback.estimator.results import SusceptibilityResult
 
 if TYPE_CHECKING:
-    from susc_callback.callback import SusceptibilityCallback
+    from susc_callback.callback.trainer_callback import SusceptibilityCallback
 
 __all__ = [
     "ChainDivergedError",
@@ -37,6 +37,6 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # The callback imports transformers' Trainer (seconds); the engine API does not need it.
     if name == "SusceptibilityCallback":
-        from susc_callback.callback import SusceptibilityCallback
+        from susc_callback.callback.trainer_callback import SusceptibilityCallback
         return SusceptibilityCallback
     raise AttributeError(f"module 'susc_callback' has no attribute {name!r}")

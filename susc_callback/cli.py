@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from susc_callback.analysis import STANDARDIZATIONS, compare_results
+from susc_callback.analysis.pca import STANDARDIZATIONS, compare_results
+from susc_callback.analysis.series import SnapshotSeries, check_same_settings, saved_steps, step_dir
 from susc_callback.config import SGLDConfig
-from susc_callback.engine import ChainDivergedError, estimate_susceptibilities
-from susc_callback.probes import ProbeSet, probe_token_texts
-from susc_callback.report import write_report
-from susc_callback.results import SusceptibilityResult
-from susc_callback.series import SnapshotSeries, check_same_settings, saved_steps, step_dir
-from susc_callback.tensorboard import (
+from susc_callback.data.probes import ProbeSet, probe_token_texts
+from susc_callback.estimator.engine import ChainDivergedError, estimate_susceptibilities
+from susc_callback.estimator.results import SusceptibilityResult
+from susc_callback.logging.report import write_report
+from susc_callback.logging.tensorboard import (
     TensorBoardLogger,
     drop_events_after,
     remove_projector,

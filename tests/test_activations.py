@@ -10,7 +10,7 @@ from conftest import tiny_gpt2
 from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from susc_callback import estimate_susceptibilities
-from susc_callback.activations import fuse_activations
+from susc_callback.sampler.activations import fuse_activations
 
 
 def _activation_types(model: torch.nn.Module) -> set[str]:

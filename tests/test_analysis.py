@@ -90,7 +90,7 @@ def test_align_to_matches_the_reference_loadings(chi):
 
 def test_common_basis_pca_equals_a_pca_of_the_stacked_matrices(chi):
     """Against an independent SVD of the stacked, standardized matrices."""
-    from susc_callback.analysis import CommonBasisPCA
+    from susc_callback.analysis.pca import CommonBasisPCA
 
     later = _result(chi * 1.5 + 0.1 * np.cos(np.arange(chi.size)).reshape(chi.shape))
     first = _result(chi)
@@ -109,7 +109,7 @@ def test_common_basis_pca_equals_a_pca_of_the_stacked_matrices(chi):
 
 
 def test_compare_results_is_pearson_per_component(chi):
-    from susc_callback.analysis import compare_results
+    from susc_callback.analysis.pca import compare_results
 
     rng = np.random.default_rng(5)
     noisy = chi + rng.normal(scale=0.5, size=chi.shape)

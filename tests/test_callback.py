@@ -17,8 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from susc_callback import ProbeSet, Schedule, SGLDConfig, SusceptibilityResult
-from susc_callback.callback import SusceptibilityCallback
-from susc_callback.series import saved_steps
+from susc_callback.analysis.series import saved_steps
+from susc_callback.callback.trainer_callback import SusceptibilityCallback
 
 DROPOUT = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
 
@@ -136,7 +136,7 @@ def test_checkpoint_steps_get_a_copy_of_the_result(tmp_path, probe):
 
 
 def test_resume_continues_the_schedule_without_recomputing(tmp_path, probe, monkeypatch):
-    import susc_callback.callback as callback_module
+    import susc_callback.callback.trainer_callback as callback_module
 
     computed = []
     engine = callback_module.estimate_susceptibilities
@@ -188,7 +188,7 @@ def test_a_diverging_component_is_marked_and_training_goes_on(tmp_path, probe):
 
 def test_a_diverging_component_is_saved_as_failed(tmp_path, probe, monkeypatch):
     """Only one component's chains blow up: it is saved as failed, the others are kept."""
-    from susc_callback.sampler import RestrictedChain
+    from susc_callback.sampler.sgld import RestrictedChain
 
     step = RestrictedChain.step
 
@@ -274,7 +274,7 @@ def test_two_process_ddp_matches_a_single_process_estimate(tmp_path, probe):
     from transformers import GPT2LMHeadModel
 
     from susc_callback import estimate_susceptibilities
-    from susc_callback.tensorboard import EVENT_FILE_SUFFIX
+    from susc_callback.logging.tensorboard import EVENT_FILE_SUFFIX
 
     here = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]),
@@ -350,7 +350,7 @@ def test_a_random_collator_does_not_move_the_global_rng(tmp_path, probe):
 def test_sharded_training_is_recognised():
     from types import SimpleNamespace as Fake
 
-    from susc_callback.callback import _shards_parameters
+    from susc_callback.callback.trainer_callback import _shards_parameters
 
     def deepspeed(stage):
         plugin = Fake(zero_stage=stage)

@@ -14,7 +14,7 @@ from conftest import CONTEXT, VOCAB, tiny_gpt2
 
 import susc_callback.cli as cli
 from susc_callback import SusceptibilityResult, standardize
-from susc_callback.series import saved_steps
+from susc_callback.analysis.series import saved_steps
 
 SGLD = ["--num-chains", "1", "--num-draws", "3", "--batch-size", "4",
         "--observable-sequences", "4", "--eval-batch-size", "8", "--n-beta", "10",
@@ -215,7 +215,7 @@ def test_analysis_refuses_other_components_in_the_series(run, capsys):
 def test_report_survives_components_failing_at_different_steps(tmp_path):
     """No component is finite at every step: the common-basis figures are left out, the
     rest of the report is written."""
-    from susc_callback.report import write_report
+    from susc_callback.logging.report import write_report
 
     results = []
     for step, broken in ((1, None), (2, 2), (3, 0)):

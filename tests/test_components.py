@@ -35,8 +35,12 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from susc_callback.architectures import head_components, layer_components
-from susc_callback.components import Component, canonical_parameter_names, resolve_components
+from susc_callback.components.architectures import head_components, layer_components
+from susc_callback.components.component import (
+    Component,
+    canonical_parameter_names,
+    resolve_components,
+)
 
 LAYERS, HEADS, HIDDEN, VOCAB = 2, 4, 32, 61
 EAGER = {"attn_implementation": "eager"}

@@ -20,9 +20,9 @@ from susc_callback import (
     estimate_susceptibilities,
     head_components,
 )
-from susc_callback.components import resolve_components
-from susc_callback.divergence import DivergenceWatch
-from susc_callback.sampler import chain_seed, make_generator
+from susc_callback.components.component import resolve_components
+from susc_callback.sampler.divergence import DivergenceWatch
+from susc_callback.sampler.sgld import chain_seed, make_generator
 
 
 def _estimate(model, probe, sampling_ids, config, components=None, **kwargs):
@@ -389,7 +389,7 @@ def test_prefix_replay_matches_full_forward(model_type, probe, sampling_ids, con
     model = _tiny_causal_lm(model_type)
     components = "heads,mlp,unembedding"
     replayed = _estimate(model, probe, sampling_ids, config, components=components)
-    monkeypatch.setattr("susc_callback.engine.block_list_path", lambda model: None)
+    monkeypatch.setattr("susc_callback.estimator.engine.block_list_path", lambda model: None)
     recomputed = _estimate(model, probe, sampling_ids, config, components=components)
     assert replayed.component_names == recomputed.component_names
     np.testing.assert_allclose(replayed.chi, recomputed.chi, rtol=1e-4, atol=1e-8)
@@ -445,7 +445,7 @@ def test_stacking_a_group_of_one_and_a_group_without_restricted_chains(gpt2, pro
 
 def test_batches_split_when_out_of_memory(gpt2, probe, sampling_ids, config, monkeypatch):
     """A batch that does not fit is halved and retried, with the same numbers."""
-    import susc_callback.engine as engine
+    import susc_callback.estimator.engine as engine
 
     sizes = []
     real = engine.evaluate_stacked
@@ -632,7 +632,7 @@ def test_parameters_the_loss_never_uses(config):
 
 
 def test_left_and_right_padding_give_the_same_token_losses(gpt2):
-    from susc_callback.data import causal_lm_token_losses
+    from susc_callback.data.sampling import causal_lm_token_losses
 
     ids = torch.tensor([[5, 9, 2, 7, 0, 0], [0, 0, 5, 9, 2, 7]])
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
@@ -681,7 +681,7 @@ def test_first_draw_at_the_checkpoint_is_evaluated_once_per_group(gpt2, probe, s
                                                                   config, monkeypatch):
     """Without burn-in every chain's first draw is at w*: the probe is evaluated there once
     per prefix group (2 here: layer-0 heads + full, layer-1 heads), not once per chain."""
-    from susc_callback.group import GroupLosses
+    from susc_callback.sampler.group import GroupLosses
 
     calls = []  # one depth per chain evaluated
     real = GroupLosses.probe_losses

@@ -77,7 +77,7 @@ def test_result_maps_tokens_back_to_the_probe(gpt2, probe, sampling_ids, config)
 
 
 def test_subset_and_merge_take_rows_by_component(gpt2, probe, sampling_ids, config):
-    from susc_callback.results import merge_results
+    from susc_callback.estimator.results import merge_results
 
     result = estimate_susceptibilities(gpt2, None, sampling_ids, probe, config)
     result.chi[2] = np.nan

@@ -28,18 +28,18 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from susc_callback import distributed
-from susc_callback.analysis import STANDARDIZATIONS, Standardization
-from susc_callback.components import as_components
+from susc_callback.analysis.pca import STANDARDIZATIONS, Standardization
+from susc_callback.analysis.series import SnapshotSeries, check_same_settings, saved_steps, step_dir
+from susc_callback.callback import distributed
+from susc_callback.callback.schedule import Schedule
+from susc_callback.components.component import as_components
 from susc_callback.config import SGLDConfig
-from susc_callback.data import LossFn, SamplingData
-from susc_callback.engine import check_inputs, estimate_susceptibilities
-from susc_callback.isolation import preserved_rng_state
-from susc_callback.probes import ProbeSet, probe_token_texts
-from susc_callback.results import SusceptibilityResult, merge_results
-from susc_callback.schedule import Schedule
-from susc_callback.series import SnapshotSeries, check_same_settings, saved_steps, step_dir
-from susc_callback.tensorboard import TensorBoardLogger, drop_events_after, snapshot_scalars
+from susc_callback.data.probes import ProbeSet, probe_token_texts
+from susc_callback.data.sampling import LossFn, SamplingData
+from susc_callback.estimator.engine import check_inputs, estimate_susceptibilities
+from susc_callback.estimator.results import SusceptibilityResult, merge_results
+from susc_callback.logging.tensorboard import TensorBoardLogger, drop_events_after, snapshot_scalars
+from susc_callback.sampler.isolation import preserved_rng_state
 
 logger = logging.get_logger(__name__)
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from susc_callback.components import ResolvedComponent
+from susc_callback.components.component import ResolvedComponent
 
 
 def sgld_update(entries: list[torch.Tensor], grads: list[torch.Tensor],

@@ -8,7 +8,7 @@ chains of a group at a step, with the same numbers up to float rounding:
 * :func:`evaluate_sequential` loads one chain at a time into the shared snapshot;
 * :func:`evaluate_stacked` runs all of them as one batch of ``G x B`` rows, each module
   that owns a chain's parameters applying that chain's values to its block of rows
-  (:mod:`susc_callback.stacking`): one forward and one backward for ``G`` chains.
+  (:mod:`susc_callback.sampler.stacking`): one forward and one backward for ``G`` chains.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from susc_callback.data import LossFn, batch_rows, token_losses
-from susc_callback.prefix import PrefixReplay
-from susc_callback.sampler import RestrictedChain
-from susc_callback.stacking import (
+from susc_callback.data.sampling import LossFn, batch_rows, token_losses
+from susc_callback.sampler.prefix import PrefixReplay
+from susc_callback.sampler.sgld import RestrictedChain
+from susc_callback.sampler.stacking import (
     StackedModules,
     StackingUnsupported,
     parameter_owners,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from susc_callback.components import Component, canonical_parameter_names
+from susc_callback.components.component import Component, canonical_parameter_names
 
 HeadSlices = dict[str, tuple[int, list[slice]]]
 """{parameter name relative to the attention module: (dimension, slices along it)}."""

@@ -18,14 +18,17 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from susc_callback.analysis import (
+from susc_callback.analysis.attribution import extreme_tokens
+from susc_callback.analysis.pca import (
     CommonBasisPCA,
     Standardization,
     SusceptibilityPCA,
     standardize,
 )
-from susc_callback.attribution import extreme_tokens
-from susc_callback.figures import (
+from susc_callback.analysis.series import SnapshotSeries
+from susc_callback.data.probes import decode_each
+from susc_callback.estimator.results import SusceptibilityResult
+from susc_callback.logging.figures import (
     NEGATIVE_RGB,
     POSITIVE_RGB,
     curves_figure,
@@ -34,9 +37,6 @@ from susc_callback.figures import (
     token_trajectory_figure,
     trajectory_figure,
 )
-from susc_callback.probes import decode_each
-from susc_callback.results import SusceptibilityResult
-from susc_callback.series import SnapshotSeries
 
 
 def token_colour(value: float, scale: float) -> tuple[int, int, int]:

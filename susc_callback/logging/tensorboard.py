@@ -25,21 +25,21 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
-from susc_callback.analysis import SusceptibilityPCA, standardize
-from susc_callback.attribution import (
+from susc_callback.analysis.attribution import (
     Decode,
     stored_decoder,
     token_in_context,
     top_tokens_markdown,
 )
-from susc_callback.figures import (
+from susc_callback.analysis.pca import SusceptibilityPCA, standardize
+from susc_callback.analysis.series import SnapshotSeries
+from susc_callback.estimator.results import SusceptibilityResult
+from susc_callback.logging.figures import (
     figure_to_array,
     heatmap_figure,
     loadings_figure,
     trajectory_figure,
 )
-from susc_callback.results import SusceptibilityResult
-from susc_callback.series import SnapshotSeries
 
 EVENT_FILE_SUFFIX = ".susceptibility"
 """Marks this library's event files, so a resumed run can drop its own orphaned points."""

@@ -5,7 +5,7 @@ Work plan, designed to do less work rather than the same work faster:
 * Sampling runs on a private float32 eval-mode snapshot; the caller's model, its flags and
   every global RNG stream are left exactly as they were (also when an error is raised).
   Activations the snapshot spells out elementwise (GPT-2's ``gelu_new``) are replaced by
-  fused kernels computing the same function (:mod:`susc_callback.activations`).
+  fused kernels computing the same function (:mod:`susc_callback.sampler.activations`).
 * Components are grouped by their *frozen prefix*: the number of transformer blocks that
   run before any of their parameters is used. Within a group, the probe's and the
   observable set's activations after that prefix are computed once per group and replayed
@@ -16,7 +16,7 @@ Work plan, designed to do less work rather than the same work faster:
   computes no other weight gradients; the update and its noise touch only the component's
   entries.
 * The restricted chains of a group are stacked into one batch where that is exact
-  (:mod:`susc_callback.stacking`): one forward and backward pass for all of them.
+  (:mod:`susc_callback.sampler.stacking`): one forward and backward pass for all of them.
 """
 
 from __future__ import annotations
@@ -32,30 +32,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from susc_callback.activations import fuse_activations
-from susc_callback.architectures import block_list_path
-from susc_callback.components import (
+from susc_callback.components.architectures import block_list_path
+from susc_callback.components.component import (
     ResolvedComponent,
     canonical_parameter_names,
     resolve_components,
 )
 from susc_callback.config import SGLDConfig
-from susc_callback.data import LossFn, SamplingData, token_losses
-from susc_callback.divergence import DivergenceWatch
-from susc_callback.estimator import DrawSums, susceptibilities
-from susc_callback.group import (
+from susc_callback.data.probes import ProbeSet
+from susc_callback.data.sampling import LossFn, SamplingData, token_losses
+from susc_callback.estimator.results import SusceptibilityResult
+from susc_callback.estimator.sums import DrawSums, susceptibilities
+from susc_callback.sampler.activations import fuse_activations
+from susc_callback.sampler.divergence import DivergenceWatch
+from susc_callback.sampler.group import (
     ChainStep,
     GroupLosses,
     check_stacking,
     evaluate_sequential,
     evaluate_stacked,
 )
-from susc_callback.isolation import ieee_float32, preserved_rng_state
-from susc_callback.prefix import PrefixReplay
-from susc_callback.probes import ProbeSet
-from susc_callback.results import SusceptibilityResult
-from susc_callback.sampler import RestrictedChain, chain_seed, make_generator
-from susc_callback.stacking import StackingUnsupported, stacking_blocker
+from susc_callback.sampler.isolation import ieee_float32, preserved_rng_state
+from susc_callback.sampler.prefix import PrefixReplay
+from susc_callback.sampler.sgld import RestrictedChain, chain_seed, make_generator
+from susc_callback.sampler.stacking import StackingUnsupported, stacking_blocker
 
 FULL = "full"
 DIVERGENCE_READ_EVERY = 16  # steps between reads of the divergence flags (each waits for

@@ -11,9 +11,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from susc_callback.analysis import CommonBasisPCA, SusceptibilityPCA
-from susc_callback.results import SusceptibilityResult
-from susc_callback.series import SnapshotSeries
+from susc_callback.analysis.pca import CommonBasisPCA, SusceptibilityPCA
+from susc_callback.analysis.series import SnapshotSeries
+from susc_callback.estimator.results import SusceptibilityResult
 
 NEGATIVE_RGB, POSITIVE_RGB = (215, 48, 39), (26, 152, 80)
 """Red for negative (the component expresses the pattern), green for positive."""

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA
 
-from susc_callback.results import SusceptibilityResult
+from susc_callback.estimator.results import SusceptibilityResult
 
 Standardization = Literal["structural-inference", "spectroscopy", "none"]
 STANDARDIZATIONS = ("structural-inference", "spectroscopy", "none")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from susc_callback.results import SusceptibilityResult
+from susc_callback.estimator.results import SusceptibilityResult
 
 Decode = Callable[[int], str]
 """Token id -> printable text."""
@@ -27,7 +27,7 @@ def visible(text: str) -> str:
 
 def stored_decoder(result: SusceptibilityResult) -> Decode:
     """Token text from the probe token texts stored in ``result.extra`` (see
-    :func:`~susc_callback.probes.probe_token_texts`), ``<id>`` for unknown ids."""
+    :func:`~susc_callback.data.probes.probe_token_texts`), ``<id>`` for unknown ids."""
     texts = result.extra.get("probe_tokens") or []
     lookup = {int(t): text for row, ids in zip(texts, result.probe_input_ids)
               for text, t in zip(row, ids)}

@@ -53,7 +53,7 @@ def as_components(model: nn.Module, spec: object = None) -> list[Component]:
     ``"unembedding"``), a :class:`Component`, a sequence of them, or a mapping
     ``{name: {parameter name: mask or None}}``.
     """
-    from susc_callback.architectures import preset_components
+    from susc_callback.components.architectures import preset_components
 
     if spec is None:
         return preset_components(model, "heads")

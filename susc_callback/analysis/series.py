@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from susc_callback.analysis import Standardization, SusceptibilityPCA
+from susc_callback.analysis.pca import Standardization, SusceptibilityPCA
 from susc_callback.config import SGLDConfig
-from susc_callback.results import SusceptibilityResult
+from susc_callback.estimator.results import SusceptibilityResult
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _RUN_INDEPENDENT_CONFIG = ("progress", "device", "on_divergence", "batch_chains",

@@ -12,7 +12,7 @@ nothing but the owning modules is transformed, so it pays on a CPU too.
 Stacking is exact only if every use of a stacked parameter goes through its module's
 forward with the batch as leading dimension. :func:`stacking_blocker` checks the module
 types; :class:`StackedModules` checks the leading dimension of every call;
-:func:`susc_callback.group.check_stacking` compares a stacked evaluation with one-at-a-time
+:func:`susc_callback.sampler.group.check_stacking` compares a stacked evaluation with one-at-a-time
 evaluations before the engine relies on it.
 """
 

@@ -1,0 +1,1 @@
+"""Analysis of results: standardization and PCA, per-token attribution, snapshot series."""

@@ -1,0 +1,1 @@
+"""Inputs: probe sets, sampling data and per-token losses."""

@@ -1,0 +1,1 @@
+"""Susceptibility estimates: the engine that runs the chains, the streaming sums, the result."""

@@ -1,0 +1,1 @@
+"""Where results are shown: matplotlib figures, TensorBoard, the HTML report."""
