@@ -629,6 +629,10 @@ def child_main(spec: dict) -> dict:
     out["time_s"] = elapsed
     out["rss_before"] = rss_before
     out["peak_rss"] = _peak_rss_bytes()
+    # The engine may fork chain workers (SGLDConfig.workers): their peak is not in this
+    # process's; ru_maxrss of a forked child includes the pages it shares with its parent.
+    scale = 1 if sys.platform == "darwin" else 1024
+    out["workers_peak_rss"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
     if cuda:
         out["cuda_peak_increase"] = torch.cuda.max_memory_allocated() - base_alloc
     return out
@@ -679,6 +683,9 @@ def mem_text(result: dict, baseline: dict) -> str:
     during = call_increase(result)
     if math.isfinite(during):
         text += f" (in-call: +{mib(during).strip()})"
+    if result.get("workers_peak_rss"):
+        text += (f"; forked chain workers: peak RSS {mib(result['workers_peak_rss']).strip()} "
+                 "each, shared pages included")
     return text
 
 

@@ -73,6 +73,13 @@ class SGLDConfig:
     max_batched_chains: int = 32
     """Most chains stacked in one batch; a batch that runs out of device memory is halved
     and retried."""
+    workers: int | Literal["auto"] = "auto"
+    """CPU processes that run different chains at the same time (forked, Linux only), each
+    with an equal share of torch's intra-op threads: small models use two single-threaded
+    processes better than one process with two threads. "auto": ``min(num_chains,
+    threads)`` where forking is safe (CPU device, Linux, no other Python thread running, not
+    in a daemon process or a ``torch.distributed`` group), else 1. Same numbers either way,
+    up to float rounding."""
     device: str | None = None
     """Where to sample; None = the model's own device."""
     progress: bool | None = None
@@ -96,6 +103,10 @@ class SGLDConfig:
         _check_choice("anchor", self.anchor, ("exact", "separate-batches"))
         _check_choice("on_divergence", self.on_divergence, ("raise", "mark"))
         _check_choice("batch_chains", self.batch_chains, ("auto", "on", "off"))
+        if self.workers != "auto" and (not isinstance(self.workers, int) or
+                                       isinstance(self.workers, bool) or self.workers < 1):
+            raise ValueError(f"Invalid workers: {self.workers!r} (must be 'auto' or an "
+                             "integer >= 1)")
 
     @property
     def num_steps(self) -> int:

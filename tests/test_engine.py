@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -754,9 +755,9 @@ def _run_poisoned(poison, refuse_nonfinite=False, **changes):
             "y": torch.randn(32, 2, generator=generator)}
     probe = ProbeSet.from_batch({"x": torch.randn(5, 4, generator=generator),
                                  "y": torch.randn(5, 2, generator=generator)})
-    config = SGLDConfig(num_chains=1, num_draws=40, batch_size=4, observable_sequences=4,
-                        step_size=1e-4, n_beta=1.0, gamma=1.0, progress=False,
-                        batch_chains="off", **changes)
+    config = SGLDConfig(**{**dict(num_chains=1, num_draws=40, batch_size=4,
+                                  observable_sequences=4, step_size=1e-4, n_beta=1.0, gamma=1.0,
+                                  progress=False, batch_chains="off"), **changes})
     components = [Component(n, {f"{n}.weight": None}) for n in ("a", "b")]
     return estimate_susceptibilities(_TwoLinear(), components, data, probe, config,
                                      loss_fn=loss_fn)
@@ -785,3 +786,50 @@ def test_a_diverged_chain_that_makes_the_loss_raise_is_dropped():
         result = _run_poisoned({"a": 0}, refuse_nonfinite=True, on_divergence="mark")
     assert list(result.failed) == ["a"] and np.isfinite(result.chi[1]).all()
 
+
+
+def test_chains_in_forked_workers_give_the_one_process_numbers(gpt2, probe, sampling_ids,
+                                                               config):
+    """Chain indices split over two forked processes (3 chains: 2 + 1), draws merged."""
+    config = config.replace(num_chains=3)
+    one = _estimate(gpt2, probe, sampling_ids, config.replace(workers=1), components="heads")
+    two = _estimate(gpt2, probe, sampling_ids, config.replace(workers=2), components="heads")
+    # the same chains; only float32 rounding may differ (threads per process differ)
+    np.testing.assert_allclose(two.chi, one.chi, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(two.loss_traces, one.loss_traces, rtol=1e-5)
+    np.testing.assert_allclose(two.full_loss_trace, one.full_loss_trace, rtol=1e-5)
+    assert two.llc_full == pytest.approx(one.llc_full, rel=1e-5)
+
+
+def test_a_divergence_in_a_worker_is_raised_or_marked_as_in_one_process():
+    with pytest.raises(ChainDivergedError, match="chain 0 of component 'b' diverged at step 3"):
+        _run_poisoned({"b": 3}, num_chains=2, workers=2)
+    with pytest.warns(RuntimeWarning, match="component 'b' diverged at step 3"):
+        result = _run_poisoned({"b": 3}, num_chains=2, workers=2, on_divergence="mark")
+    assert list(result.failed) == ["b"] and np.isfinite(result.chi[0]).all()
+
+
+def test_workers_only_where_forking_is_safe(gpt2, probe, sampling_ids, config):
+    """With another thread running, explicit workers are refused and "auto" stays in this
+    process (a loss_fn's side effects are then seen by the caller)."""
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        logits = m(input_ids=batch["input_ids"]).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:],
+                               reduction="none")
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        with pytest.raises(ValueError, match="workers=2 needs a CPU device on Linux"):
+            _estimate(gpt2, probe, sampling_ids, config.replace(workers=2), loss_fn=loss_fn)
+        torch.set_num_threads(2)  # "auto" would use 2 workers
+        _estimate(gpt2, probe, sampling_ids, config, loss_fn=loss_fn)
+    finally:
+        torch.set_num_threads(1)
+        stop.set()
+        other.join()
+    assert len(calls) > 0

@@ -25,6 +25,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from copy import deepcopy
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from susc_callback.data.probes import ProbeSet
 from susc_callback.data.sampling import LossFn, SamplingData, token_losses
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.estimator.sums import DrawSums, susceptibilities
+from susc_callback.estimator.workers import fork_is_safe, run_forked
 from susc_callback.sampler.activations import fuse_activations
 from susc_callback.sampler.divergence import DivergenceWatch
 from susc_callback.sampler.group import (
@@ -66,10 +68,13 @@ class ChainDivergedError(RuntimeError):
     """An SGLD chain produced a non-finite loss or weights."""
 
     def __init__(self, component: str, chain: int, step: int, what: str) -> None:
-        self.component, self.chain, self.step = component, chain, step
+        self.component, self.chain, self.step, self.what = component, chain, step, what
         super().__init__(
             f"SGLD chain {chain} of component {component!r} diverged at step {step}: {what}. "
             "Lower step_size or raise gamma (or lower n_beta) in SGLDConfig.")
+
+    def __reduce__(self):  # raised again in the parent when a chain worker hits it
+        return type(self), (self.component, self.chain, self.step, self.what)
 
 
 def estimate_susceptibilities(
@@ -185,6 +190,17 @@ def _float32_snapshot(model: nn.Module, device: torch.device) -> nn.Module:
     return snapshot
 
 
+@dataclass
+class _GroupPlan:
+    """What every chain of a prefix group shares (see :meth:`_Run._plan_group`)."""
+
+    members: list[ResolvedComponent]
+    group: GroupLosses
+    anchor: torch.Tensor | None  # L(w*); None with a minibatch observable
+    checkpoint: tuple[torch.Tensor | None, torch.Tensor] | None  # the draw at w*
+    stacked: bool
+
+
 class _Run:
     """One estimate: groups components by frozen prefix and runs their chains in lockstep."""
 
@@ -264,23 +280,48 @@ class _Run:
 
     def execute(self, step: int | None) -> SusceptibilityResult:
         token_sequence, token_position = self._probe_layout()
-        num_tokens = len(token_sequence)
+        self.num_tokens = len(token_sequence)
         cfg = self.config
-        groups = self._groups()
-        sums = {c.name: DrawSums(num_tokens, cfg.num_chains, cfg.num_draws, self.device)
-                for c in self.components}
-        total = len(self.components) * cfg.num_chains * cfg.num_steps
-        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
         with torch.no_grad():
             separate_anchor = self._group_losses(0, self.anchor_chunks).observable_loss()[0] \
                 if cfg.anchor == "separate-batches" else None
+        plans = [self._plan_group(depth, members, separate_anchor)
+                 for depth, members in self._groups().items()]
+        workers = self._workers()
+        total = len(self.components) * cfg.num_chains * cfg.num_steps
+        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
         with tqdm(total=total, disable=not show, desc="SGLD", unit="step") as bar:
-            for depth, members in groups.items():
-                self._run_group(depth, members, sums, separate_anchor, bar)
+            if workers == 1:
+                sums = self._run_chains(plans, list(range(cfg.num_chains)), bar.update)
+            else:
+                shares = [list(range(cfg.num_chains))[k::workers] for k in range(workers)]
+                parts = run_forked(lambda share, progress: (
+                    self._run_chains(plans, share, progress), self.failed), shares, bar.update)
+                sums = parts[0][0]
+                for share, (part, failed) in zip(shares, parts):
+                    self.failed.update(failed)
+                    for name, part_sums in part.items():
+                        if part_sums is not sums[name]:
+                            sums[name].merge(part_sums, share)
         return self._result(sums, token_sequence, token_position, step)
 
-    def _run_group(self, depth: int, members: list[ResolvedComponent],
-                   sums: dict[str, DrawSums], anchor: torch.Tensor | None, bar: tqdm) -> None:
+    def _workers(self) -> int:
+        """Processes that run chains at the same time (``SGLDConfig.workers``)."""
+        cfg = self.config
+        if cfg.workers == "auto":
+            count = min(cfg.num_chains, torch.get_num_threads())
+            return count if count > 1 and fork_is_safe(self.device) else 1
+        count = min(cfg.workers, cfg.num_chains)
+        if count > 1 and not fork_is_safe(self.device):
+            raise ValueError(f"workers={cfg.workers} needs a CPU device on Linux, in a process "
+                             "with no other Python thread, outside torch.distributed; use "
+                             "workers=1 or 'auto'")
+        return count
+
+    def _plan_group(self, depth: int, members: list[ResolvedComponent],
+                    anchor: torch.Tensor | None) -> _GroupPlan:
+        """What every chain of a group shares: the replayed prefix, L(w*), the draw at w*,
+        and whether its chains are stacked (checked here, once)."""
         cfg = self.config
         minibatch_observable = cfg.observable == "minibatch"
         with torch.no_grad():
@@ -292,46 +333,70 @@ class _Run:
             self.fixed_anchors.update({c.name: float(anchor) for c in members})
         checkpoint = self._checkpoint_draw(group) if _draw_index(0, cfg) is not None else None
         self.stacked = self._stacking_applies(members)
-        for chain_index in range(cfg.num_chains):
-            chains = [RestrictedChain(c, self.params, make_generator(
-                self.device, chain_seed(cfg.seed, "noise", c.name, chain_index)))
-                for c in members if c.name not in self.failed]
-            if self.stacked and chain_index == 0:
-                self._check_stacking([c for c in chains if c.name != FULL], group)
-            batches = _EpochSampler(len(self.data), cfg.batch_size,
-                                    chain_seed(cfg.seed, "batches", chain_index))
-            watch = DivergenceWatch(cfg.num_steps, self.device)
-            for step_index in range(cfg.num_steps):
-                batch = self.data.batch(batches.next(), self.device)
-                draw = _draw_index(step_index, cfg)
-                with torch.no_grad():
-                    hidden = group.capture(batch)
-                    if draw is not None and minibatch_observable and cfg.anchor == "exact":
-                        anchor = group.mean([(batch, hidden)])[0]
-                at_checkpoint = step_index == 0 and checkpoint is not None
-                try:
-                    evaluated = self._evaluate(chains, group, batch, hidden,
-                                               draw is not None and not at_checkpoint)
-                except Exception:
-                    # A chain that diverged since the last read may have made a loss_fn
-                    # raise on its non-finite weights: report it and retry the step without
-                    # it (evaluation changes no chain state).
-                    diverged = watch.diverged(step_index)
-                    if not diverged:
-                        raise
-                    chains = self._drop_diverged(chains, diverged, chain_index, sums)
-                    evaluated = self._evaluate(chains, group, batch, hidden,
-                                               draw is not None and not at_checkpoint)
-                if at_checkpoint:
-                    _share_draw(evaluated, *checkpoint)
-                for chain, output in evaluated:
-                    self._advance(chain, output, chain_index, step_index, draw, anchor,
-                                  sums[chain.name], watch)
-                if (step_index + 1) % DIVERGENCE_READ_EVERY == 0 or \
-                        step_index + 1 == cfg.num_steps:
-                    chains = self._drop_diverged(chains, watch.diverged(step_index + 1),
-                                                 chain_index, sums)
-                bar.update(len(members))
+        if self.stacked:  # chains at w*, as every chain starts
+            self._check_stacking([c for c in self._chains(members, 0) if c.name != FULL],
+                                 group)
+        return _GroupPlan(members, group, anchor, checkpoint, self.stacked)
+
+    def _chains(self, members: list[ResolvedComponent], chain_index: int
+                ) -> list[RestrictedChain]:
+        cfg = self.config
+        return [RestrictedChain(c, self.params, make_generator(
+            self.device, chain_seed(cfg.seed, "noise", c.name, chain_index)))
+            for c in members if c.name not in self.failed]
+
+    def _run_chains(self, plans: list[_GroupPlan], chain_indices: list[int],
+                    progress: Callable[[int], None]) -> dict[str, DrawSums]:
+        """Chains ``chain_indices`` of every group; their draws in fresh sums."""
+        cfg = self.config
+        sums = {c.name: DrawSums(self.num_tokens, cfg.num_chains, cfg.num_draws, self.device)
+                for c in self.components}
+        for chain_index in chain_indices:
+            for plan in plans:
+                self.stacked = plan.stacked
+                self._run_chain(plan, chain_index, sums, progress)
+                plan.stacked = self.stacked  # a fallback holds for the group's later chains
+        return sums
+
+    def _run_chain(self, plan: _GroupPlan, chain_index: int, sums: dict[str, DrawSums],
+                   progress: Callable[[int], None]) -> None:
+        cfg = self.config
+        group, anchor, checkpoint = plan.group, plan.anchor, plan.checkpoint
+        minibatch_observable = cfg.observable == "minibatch"
+        chains = self._chains(plan.members, chain_index)
+        batches = _EpochSampler(len(self.data), cfg.batch_size,
+                                chain_seed(cfg.seed, "batches", chain_index))
+        watch = DivergenceWatch(cfg.num_steps, self.device)
+        for step_index in range(cfg.num_steps):
+            batch = self.data.batch(batches.next(), self.device)
+            draw = _draw_index(step_index, cfg)
+            with torch.no_grad():
+                hidden = group.capture(batch)
+                if draw is not None and minibatch_observable and cfg.anchor == "exact":
+                    anchor = group.mean([(batch, hidden)])[0]
+            at_checkpoint = step_index == 0 and checkpoint is not None
+            try:
+                evaluated = self._evaluate(chains, group, batch, hidden,
+                                           draw is not None and not at_checkpoint)
+            except Exception:
+                # A chain that diverged since the last read may have made a loss_fn raise
+                # on its non-finite weights: report it and retry the step without it
+                # (evaluation changes no chain state).
+                diverged = watch.diverged(step_index)
+                if not diverged:
+                    raise
+                chains = self._drop_diverged(chains, diverged, chain_index, sums)
+                evaluated = self._evaluate(chains, group, batch, hidden,
+                                           draw is not None and not at_checkpoint)
+            if at_checkpoint:
+                _share_draw(evaluated, *checkpoint)
+            for chain, output in evaluated:
+                self._advance(chain, output, chain_index, step_index, draw, anchor,
+                              sums[chain.name], watch)
+            if (step_index + 1) % DIVERGENCE_READ_EVERY == 0 or step_index + 1 == cfg.num_steps:
+                chains = self._drop_diverged(chains, watch.diverged(step_index + 1),
+                                             chain_index, sums)
+            progress(len(plan.members))
 
     def _drop_diverged(self, chains: list[RestrictedChain],
                        diverged: list[tuple[str, int, str]], chain_index: int,

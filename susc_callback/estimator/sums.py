@@ -48,6 +48,13 @@ class DrawSums:
         self.loss_trace[chain, draw] = loss
         self.anchor += anchor_loss.double()
 
+    def merge(self, other: DrawSums, chains: list[int]) -> None:
+        """Add the draws of ``other``, which holds those of chains ``chains``."""
+        self.count += other.count
+        for name in ("phi", "loss", "phi_loss", "token", "phi_token", "anchor"):
+            getattr(self, name).add_(getattr(other, name))
+        self.loss_trace[chains] = other.loss_trace[chains]
+
     def mean_phi(self) -> float:
         return float(self.phi / self.count) if self.count else float("nan")
 
