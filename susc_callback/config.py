@@ -77,9 +77,10 @@ class SGLDConfig:
     """CPU processes that run different chains at the same time (forked, Linux only), each
     with an equal share of torch's intra-op threads: small models use two single-threaded
     processes better than one process with two threads. "auto": ``min(num_chains,
-    threads)`` where forking is safe (CPU device, Linux, no other Python thread running, not
-    in a daemon process or a ``torch.distributed`` group), else 1. Same numbers either way,
-    up to float rounding."""
+    threads)`` where forking is safe (CPU device, Linux, no other non-daemon Python thread,
+    not in a daemon process or a ``torch.distributed`` group), else 1. Same numbers either
+    way, up to float rounding; a ``loss_fn`` then runs in the workers, so its side effects
+    on Python objects do not reach the caller."""
     device: str | None = None
     """Where to sample; None = the model's own device."""
     progress: bool | None = None

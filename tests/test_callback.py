@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONTEXT, DEVICES, VOCAB, tiny_gpt2
+from conftest import CONTEXT, NEEDS_CUDA, VOCAB, tiny_gpt2
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -73,13 +73,17 @@ def scalar_steps(log_dir: Path, tag: str) -> list[int]:
     return [event.step for event in accumulator.Scalars(tag)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_training_is_bitwise_unchanged_by_snapshots(tmp_path, probe, device):
-    """Dropout on, snapshots every 2 steps: weights, optimizer state and logged losses equal
-    those of the same run without the callback, bit for bit."""
+@pytest.mark.parametrize(("device", "workers"), [
+    ("cpu", 1), ("cpu", 2), pytest.param("cuda", 1, marks=NEEDS_CUDA)])
+def test_training_is_bitwise_unchanged_by_snapshots(tmp_path, probe, device, workers):
+    """Dropout on, snapshots every 2 steps (their chains in forked workers too): weights,
+    optimizer state and logged losses equal those of the same run without the callback,
+    bit for bit."""
     plain = make_trainer(tmp_path / "plain", [], device=device)
     plain.train()
-    watched = make_trainer(tmp_path / "watched", [make_callback(probe)], device=device)
+    config = snapshot_config(num_chains=2, workers=workers)
+    watched = make_trainer(tmp_path / "watched", [make_callback(probe, config=config)],
+                           device=device)
     watched.train()
 
     assert sorted(saved_steps(tmp_path / "watched" / "susceptibility")) == [2, 4, 6]

@@ -314,8 +314,8 @@ class _Run:
         count = min(cfg.workers, cfg.num_chains)
         if count > 1 and not fork_is_safe(self.device):
             raise ValueError(f"workers={cfg.workers} needs a CPU device on Linux, in a process "
-                             "with no other Python thread, outside torch.distributed; use "
-                             "workers=1 or 'auto'")
+                             "with no other non-daemon Python thread, outside "
+                             "torch.distributed; use workers=1 or 'auto'")
         return count
 
     def _plan_group(self, depth: int, members: list[ResolvedComponent],

@@ -5,7 +5,7 @@ small to split well): measured on 2 cores, one process with 2 threads ran tiny's
 in 2.23 s, two forked single-threaded processes with a chain each in 1.68 s. Chains are
 independent, so the engine can hand different chain indices to forked copies of itself.
 Forking copies the process as it is, which is only safe when no other thread could hold a
-lock at that moment; :func:`fork_is_safe` checks that.
+lock the worker needs; :func:`fork_is_safe` checks what can be checked.
 """
 
 from __future__ import annotations
@@ -21,18 +21,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from tqdm._monitor import TMonitor
 
 Progress = Callable[[int], None]
 
 
 def fork_is_safe(device: torch.device) -> bool:
-    """Whether chains may run in forked processes: a CPU device on Linux, no other Python
-    thread (tqdm's monitor aside: it only wakes to check its bars, which a worker never
-    uses), not a daemon process (which may not have children), not a member of a
-    ``torch.distributed`` group."""
+    """Whether chains may run in forked processes: a CPU device on Linux, no other
+    non-daemon Python thread, not a daemon process (which may not have children), not a
+    member of a ``torch.distributed`` group.
+
+    Daemon threads are background helpers (tqdm's monitor, TensorBoard's event writer) whose
+    locks a worker never takes, as PyTorch's DataLoader assumes when it forks its workers
+    beside them; a thread of the caller's own could hold a lock a worker needs."""
     others = [thread for thread in threading.enumerate()
-              if thread is not threading.current_thread() and not isinstance(thread, TMonitor)]
+              if thread is not threading.current_thread() and not thread.daemon]
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return (device.type == "cpu" and sys.platform.startswith("linux") and not others
             and not multiprocessing.current_process().daemon and not distributed)
