@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from conftest import tiny_gpt2
 from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from susc_callback import estimate_susceptibilities
-from susc_callback.sampler.activations import fuse_activations
+from susc_callback.sampler.activations import TanhGELU, fuse_activations
 
 
 def _activation_types(model: torch.nn.Module) -> set[str]:
@@ -21,9 +22,26 @@ def test_fused_gelu_computes_the_same_function():
     x = torch.linspace(-8, 8, 10001)
     fused = torch.nn.Sequential(NewGELUActivation(), FastGELUActivation())
     fuse_activations(fused)
-    assert _activation_types(fused) == {"GELUTanh"}
+    assert _activation_types(fused) == {"TanhGELU"}
     for original in (NewGELUActivation(), FastGELUActivation()):
         torch.testing.assert_close(fused[0](x), original(x), rtol=1e-6, atol=1e-6)
+
+
+def test_tanh_gelu_matches_a_float64_reference_with_and_without_autograd():
+    x = torch.linspace(-10, 10, 20001)
+    x64 = x.double().requires_grad_()
+    reference = 0.5 * x64 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3)))
+    (slope,) = torch.autograd.grad(reference.sum(), x64)
+    before = x.clone()
+    expected = reference.detach().float()  # compared with float32 tolerances
+    with torch.no_grad():  # the in-place CPU passes
+        torch.testing.assert_close(TanhGELU()(x), expected)
+    assert torch.equal(x, before)  # the input is not written to
+    leaf = x.clone().requires_grad_()  # F.gelu, differentiable
+    value = TanhGELU()(leaf)
+    torch.testing.assert_close(value, expected)
+    (grad,) = torch.autograd.grad(value.sum(), leaf)
+    torch.testing.assert_close(grad, slope.float())
 
 
 def test_fused_model_gives_the_same_logits():
@@ -31,7 +49,7 @@ def test_fused_model_gives_the_same_logits():
     fused = copy.deepcopy(model)
     fuse_activations(fused)
     assert _activation_types(model) == {"NewGELUActivation"}
-    assert _activation_types(fused) == {"GELUTanh"}
+    assert _activation_types(fused) == {"TanhGELU"}
     ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=ids).logits, model(input_ids=ids).logits,
@@ -49,5 +67,5 @@ def test_engine_samples_with_fused_activations_only_in_its_snapshot(gpt2, probe,
                                reduction="none")
 
     estimate_susceptibilities(gpt2, None, sampling_ids, probe, config, loss_fn=loss_fn)
-    assert seen and all(types == {"GELUTanh"} for types in seen)
+    assert seen and all(types == {"TanhGELU"} for types in seen)
     assert _activation_types(gpt2) == {"NewGELUActivation"}

