@@ -481,16 +481,17 @@ class _LinearHeads(torch.nn.Module):
         return hidden.sum(-1)
 
 
+def _squared_error(m, batch):
+    return (m(batch["x"]) - batch["y"]) ** 2
+
+
 def _regression_estimate(model, config, batch_chains, *, components=None, batch=None,
-                         collate_fn=None):
+                         collate_fn=None, loss_fn=_squared_error):
     torch.manual_seed(0)
     x, y = torch.randn(40, 3), torch.randn(40)
     probe = ProbeSet.from_batch({"x": x[:6], "y": y[:6]})
     components = components or {f"h{i}": {f"heads.{i}.weight": None, f"heads.{i}.bias": None}
                                 for i in range(6)}
-
-    def loss_fn(m, batch):
-        return (m(batch["x"]) - batch["y"]) ** 2
 
     return estimate_susceptibilities(model, components, batch or {"x": x, "y": y}, probe,
                                      config.replace(batch_chains=batch_chains),
@@ -509,6 +510,20 @@ def test_stacking_is_checked_against_one_at_a_time(misused, config):
         with pytest.raises(ValueError, match="'h5' differs from evaluating it alone.*"
                                              "batch_chains='off'"):
             _regression_estimate(model, config, "on")
+
+
+def test_a_loss_coupling_samples_is_not_stacked(config):
+    """A loss that mixes the rows of a batch would mix the stacked chains' rows."""
+    def coupled(m, batch):
+        prediction = m(batch["x"])
+        return (prediction - batch["y"]) ** 2 + prediction.mean()
+
+    model = _LinearHeads(False)
+    sequential = _regression_estimate(model, config, "off", loss_fn=coupled)
+    auto = _regression_estimate(model, config, "auto", loss_fn=coupled)
+    np.testing.assert_allclose(auto.chi, sequential.chi, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="differs from evaluating it alone.*couple samples"):
+        _regression_estimate(model, config, "on", loss_fn=coupled)
 
 
 def test_an_instance_level_forward_wrapper_survives_stacking(config):
@@ -678,10 +693,10 @@ def test_a_loss_fn_with_the_wrong_number_of_losses_is_named(gpt2, probe, samplin
                   loss_fn=loss_fn)
 
 
-def test_first_draw_at_the_checkpoint_is_evaluated_once_per_group(gpt2, probe, sampling_ids,
-                                                                  config, monkeypatch):
+def test_first_draw_at_the_checkpoint_is_evaluated_once(gpt2, probe, sampling_ids, config,
+                                                        monkeypatch):
     """Without burn-in every chain's first draw is at w*: the probe is evaluated there once
-    per prefix group (2 here: layer-0 heads + full, layer-1 heads), not once per chain."""
+    per estimate, not once per chain (chains run in prefix groups of depth 0 and 1)."""
     from susc_callback.sampler.group import GroupLosses
 
     calls = []  # one depth per chain evaluated
@@ -695,7 +710,7 @@ def test_first_draw_at_the_checkpoint_is_evaluated_once_per_group(gpt2, probe, s
     result = _estimate(gpt2, probe, sampling_ids, config)
     chain_draws = (len(result.component_names) + 1) * config.num_chains * config.num_draws
     checkpoint_draws = (len(result.component_names) + 1) * config.num_chains
-    assert len(calls) == chain_draws - checkpoint_draws + 2
+    assert len(calls) == chain_draws - checkpoint_draws + 1
     assert sorted(set(calls)) == [0, 1]
     moved = _estimate(gpt2, probe, sampling_ids, config.replace(num_burnin=1))
     at_anchor = np.broadcast_to(moved.anchor_loss[:, None], moved.loss_traces.shape[:2])

@@ -196,8 +196,6 @@ class _GroupPlan:
 
     members: list[ResolvedComponent]
     group: GroupLosses
-    anchor: torch.Tensor | None  # L(w*); None with a minibatch observable
-    checkpoint: tuple[torch.Tensor | None, torch.Tensor] | None  # the draw at w*
     stacked: bool
 
 
@@ -231,7 +229,8 @@ class _Run:
             for chunk in self.observable_chunks + self.anchor_chunks:
                 _check_fits_model(model, chunk, "sampling_data")
         self.failed: dict[str, str] = {}
-        self.fixed_anchors: dict[str, float] = {}
+        self.anchor: torch.Tensor | None = None  # L(w*); None: each draw's minibatch at w*
+        self.checkpoint: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
     def _chunks(self, indices: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         size = self.config.eval_batch_size
@@ -282,11 +281,8 @@ class _Run:
         token_sequence, token_position = self._probe_layout()
         self.num_tokens = len(token_sequence)
         cfg = self.config
-        with torch.no_grad():
-            separate_anchor = self._group_losses(0, self.anchor_chunks).observable_loss()[0] \
-                if cfg.anchor == "separate-batches" else None
-        plans = [self._plan_group(depth, members, separate_anchor)
-                 for depth, members in self._groups().items()]
+        self._evaluate_optimum()
+        plans = [self._plan_group(depth, members) for depth, members in self._groups().items()]
         workers = self._workers()
         total = len(self.components) * cfg.num_chains * cfg.num_steps
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
@@ -318,25 +314,32 @@ class _Run:
                              "torch.distributed; use workers=1 or 'auto'")
         return count
 
-    def _plan_group(self, depth: int, members: list[ResolvedComponent],
-                    anchor: torch.Tensor | None) -> _GroupPlan:
-        """What every chain of a group shares: the replayed prefix, L(w*), the draw at w*,
-        and whether its chains are stacked (checked here, once)."""
+    def _evaluate_optimum(self) -> None:
+        """What every chain of every component shares at ``w*``: the anchor ``L(w*)`` and,
+        when the first draw is taken before any update, that draw (the observable loss,
+        None when it is each chain's minibatch loss, and the probe token losses)."""
         cfg = self.config
-        minibatch_observable = cfg.observable == "minibatch"
+        fixed = cfg.observable == "fixed"
         with torch.no_grad():
-            group = self._group_losses(depth, [] if minibatch_observable
-                                       else self.observable_chunks)
-            if anchor is None and not minibatch_observable:
-                anchor = group.observable_loss()[0]
-        if anchor is not None:  # one L(w*) for every draw of the group
-            self.fixed_anchors.update({c.name: float(anchor) for c in members})
-        checkpoint = self._checkpoint_draw(group) if _draw_index(0, cfg) is not None else None
+            at_optimum = self._group_losses(0, self.observable_chunks if fixed else [])
+            observable = at_optimum.observable_loss()[0] if fixed else None
+            self.anchor = observable
+            if cfg.anchor == "separate-batches":
+                self.anchor = self._group_losses(0, self.anchor_chunks).observable_loss()[0]
+            if _draw_index(0, cfg) is not None:
+                self.checkpoint = observable, at_optimum.probe_losses()[0]
+
+    def _plan_group(self, depth: int, members: list[ResolvedComponent]) -> _GroupPlan:
+        """What every chain of a group shares: the replayed prefix, and whether its chains
+        are stacked (checked here, once)."""
+        fixed = self.config.observable == "fixed"
+        with torch.no_grad():
+            group = self._group_losses(depth, self.observable_chunks if fixed else [])
         self.stacked = self._stacking_applies(members)
         if self.stacked:  # chains at w*, as every chain starts
             self._check_stacking([c for c in self._chains(members, 0) if c.name != FULL],
                                  group)
-        return _GroupPlan(members, group, anchor, checkpoint, self.stacked)
+        return _GroupPlan(members, group, self.stacked)
 
     def _chains(self, members: list[ResolvedComponent], chain_index: int
                 ) -> list[RestrictedChain]:
@@ -361,7 +364,7 @@ class _Run:
     def _run_chain(self, plan: _GroupPlan, chain_index: int, sums: dict[str, DrawSums],
                    progress: Callable[[int], None]) -> None:
         cfg = self.config
-        group, anchor, checkpoint = plan.group, plan.anchor, plan.checkpoint
+        group, anchor, checkpoint = plan.group, self.anchor, self.checkpoint
         minibatch_observable = cfg.observable == "minibatch"
         chains = self._chains(plan.members, chain_index)
         batches = _EpochSampler(len(self.data), cfg.batch_size,
@@ -410,15 +413,6 @@ class _Run:
             sums[name].loss_trace[chain_index, first_bad_draw:] = float("nan")
         names = {name for name, _, _ in diverged}
         return [c for c in chains if c.name not in names]
-
-    def _checkpoint_draw(self, group: GroupLosses) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The observable loss (None when it is the minibatch's) and the probe token losses
-        at w*. A draw at the first step, before any update, sees w* in every chain of the
-        group, so it is evaluated once per group rather than once per chain."""
-        with torch.no_grad():
-            observable = None if self.config.observable == "minibatch" else \
-                group.observable_loss()[0]
-            return observable, group.probe_losses()[0]
 
     def _stacking_applies(self, members: list[ResolvedComponent]) -> bool:
         """Whether this group's restricted chains are stacked (``batch_chains``)."""
@@ -549,8 +543,8 @@ class _Run:
             component_names=names, chi=chi, dataset_names=datasets, dataset_chi=dataset_chi,
             rllc=cfg.n_beta * mean_phi, llc_full=cfg.n_beta * full.mean_phi(),
             mean_phi=mean_phi,
-            anchor_loss=np.array([self.fixed_anchors.get(n, sums[n].mean_anchor())
-                                  for n in names]),
+            anchor_loss=np.array([sums[n].mean_anchor() if self.anchor is None
+                                  else float(self.anchor) for n in names]),
             loss_traces=np.stack([sums[n].loss_trace.cpu().numpy() for n in names]),
             full_loss_trace=full.loss_trace.cpu().numpy(),
             token_sequence=token_sequence.astype(np.int64),

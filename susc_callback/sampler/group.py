@@ -28,6 +28,7 @@ from susc_callback.sampler.stacking import (
     parameter_owners,
     repeat_rows,
     select_rows,
+    take_rows,
 )
 
 
@@ -60,6 +61,7 @@ class GroupLosses:
         self.owners = parameter_owners(model)  # which modules stacking patches
         self.probe = [(c, self.capture(c), v.reshape(-1).nonzero().squeeze(1))
                       for c, v in zip(probe_chunks, probe_valid)]
+        self.probe_valid = probe_valid
         self.observable = [(c, self.capture(c)) for c in observable_chunks]
 
     def capture(self, batch: dict) -> torch.Tensor | None:
@@ -145,6 +147,16 @@ class GroupLosses:
         """Mean loss of the fixed observable set, ``(G,)`` float64."""
         return self.mean(self.observable, stack)
 
+    def probe_sample(self, count: int) -> tuple[dict, torch.Tensor | None]:
+        """The first ``count`` probe sequences of one chunk that have valid tokens (fewer
+        if the chunk has fewer), and their captured prefix."""
+        for (chunk, hidden, _), valid in zip(self.probe, self.probe_valid):
+            rows = valid.reshape(valid.shape[0], -1).any(dim=1).nonzero().squeeze(1)[:count]
+            if len(rows):
+                return (take_rows(chunk, valid.shape[0], rows),
+                        take_rows(hidden, valid.shape[0], rows))
+        raise ValueError("The probe set has no valid tokens")
+
 
 def evaluate_sequential(chains: list[RestrictedChain], group: GroupLosses, batch: dict,
                         hidden: torch.Tensor | None, draw: bool,
@@ -201,14 +213,19 @@ def _stack(param: torch.Tensor, name: str, chains: list[RestrictedChain]) -> tor
     return stacked
 
 
+CHECK_SEQUENCES = 2  # probe sequences of the stacking check: two, so that a loss coupling
+                    # samples shows
+
+
 def check_stacking(chains: list[RestrictedChain], group: GroupLosses) -> None:
     """Raise :class:`StackingUnsupported` unless stacked evaluation of ``chains`` reproduces
-    one-at-a-time evaluation (mean loss and gradients on the first probe chunk) with the
-    chains moved apart, chain ``j``'s entries shifted by ``0.01 (1 + j / G)``. Stacking is
-    exact only when every use of a stacked parameter goes through its module's forward on
-    the batch rows and the loss treats samples one by one, which module types and call
-    shapes alone cannot prove (e.g. a tied weight read directly)."""
-    chunk, hidden, _ = group.probe[0]
+    one-at-a-time evaluation (mean loss and gradients on ``CHECK_SEQUENCES`` probe
+    sequences) with the chains moved apart, chain ``j``'s entries shifted by
+    ``0.01 (1 + j / G)``. Stacking is exact only when every use of a stacked parameter goes
+    through its module's forward on the batch rows and the loss treats samples one by one,
+    which module types and call shapes alone cannot prove (e.g. a tied weight read
+    directly). What it checks is structural, so a few sequences show it."""
+    chunk, hidden = group.probe_sample(CHECK_SEQUENCES)
     states = [chain.state for chain in chains]
     try:
         for j, chain in enumerate(chains):

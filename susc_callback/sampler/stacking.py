@@ -135,6 +135,11 @@ def select_rows(value: object, rows: int, start: int, size: int) -> object:
     return _map_rows(value, rows, lambda tensor: tensor[start:start + size])
 
 
+def take_rows(value: object, rows: int, indices: torch.Tensor) -> object:
+    """Rows ``indices`` of every tensor in ``value`` whose leading dimension is ``rows``."""
+    return _map_rows(value, rows, lambda tensor: tensor.index_select(0, indices.to(tensor.device)))
+
+
 def repeat_rows(value: object, rows: int, count: int) -> object:
     """Every tensor in ``value`` whose leading dimension is ``rows``, repeated ``count``
     times along it (copy ``j`` is rows ``j * rows`` to ``(j + 1) * rows - 1``)."""
