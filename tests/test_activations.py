@@ -34,7 +34,7 @@ def test_tanh_gelu_matches_a_float64_reference_with_and_without_autograd():
     (slope,) = torch.autograd.grad(reference.sum(), x64)
     before = x.clone()
     expected = reference.detach().float()  # compared with float32 tolerances
-    with torch.no_grad():  # the in-place CPU passes
+    with torch.no_grad():  # the in-place CPU passes (sigmoid form)
         torch.testing.assert_close(TanhGELU()(x), expected)
     assert torch.equal(x, before)  # the input is not written to
     leaf = x.clone().requires_grad_()  # F.gelu, differentiable
