@@ -37,7 +37,7 @@ def test_tanh_gelu_matches_a_float64_reference_with_and_without_autograd():
     with torch.no_grad():  # the in-place CPU passes (sigmoid form)
         torch.testing.assert_close(TanhGELU()(x), expected)
     assert torch.equal(x, before)  # the input is not written to
-    leaf = x.clone().requires_grad_()  # F.gelu, differentiable
+    leaf = x.clone().requires_grad_()  # with the hand-written backward
     value = TanhGELU()(leaf)
     torch.testing.assert_close(value, expected)
     (grad,) = torch.autograd.grad(value.sum(), leaf)
