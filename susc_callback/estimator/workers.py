@@ -14,15 +14,16 @@ import multiprocessing
 import pickle
 import sys
 import threading
-import time
 import traceback
 import warnings
 from collections.abc import Callable
+from multiprocessing.connection import wait
 from typing import Any
 
 import torch
 
 Progress = Callable[[int], None]
+PROGRESS_INTERVAL = 0.1  # seconds between progress updates while workers run
 
 
 def fork_is_safe(device: torch.device) -> bool:
@@ -58,11 +59,12 @@ def run_forked(task: Callable[[list[int], Progress], Any], shares: list[list[int
         sender.close()
         workers.append((process, receiver))
     outcomes: list[tuple[str, Any, list]] = [None] * len(workers)  # type: ignore[list-item]
+    pending = {receiver: index for index, (_, receiver) in enumerate(workers)}
     reported = 0
-    while any(outcome is None for outcome in outcomes):
-        for index, (process, receiver) in enumerate(workers):
-            if outcomes[index] is None and receiver.poll(0.05):
-                outcomes[index] = _receive(receiver, process)
+    while pending:  # wakes as soon as a worker sends, or to update the progress bar
+        for receiver in wait(list(pending), timeout=PROGRESS_INTERVAL):
+            index = pending.pop(receiver)
+            outcomes[index] = _receive(receiver, workers[index][0])
         reported = _report(done, reported, progress)
     for process, _ in workers:
         process.join()
@@ -111,6 +113,4 @@ def _report(done: Any, reported: int, progress: Progress) -> int:
     value = done.value
     if value > reported:
         progress(value - reported)
-    else:
-        time.sleep(0.01)
     return value
