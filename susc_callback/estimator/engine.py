@@ -5,7 +5,7 @@ Work plan, designed to do less work rather than the same work faster:
 * Sampling runs on a private float32 eval-mode snapshot; the caller's model, its flags and
   every global RNG stream are left exactly as they were (also when an error is raised).
   Activations the snapshot spells out elementwise (GPT-2's ``gelu_new``) are replaced by
-  fused kernels computing the same function (:mod:`susc_callback.sampler.activations`).
+  faster equivalents of the same function (:mod:`susc_callback.sampler.activations`).
 * Components are grouped by their *frozen prefix*: the number of transformer blocks that
   run before any of their parameters is used. Within a group, the probe's and the
   observable set's activations after that prefix are computed once per group and replayed
