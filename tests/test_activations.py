@@ -1,4 +1,4 @@
-"""Fused activations in the engine's snapshot: same numbers, caller's model untouched."""
+"""Swapped activations in the engine's snapshot: same numbers, caller's model untouched."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ from conftest import tiny_gpt2
 from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from susc_callback import estimate_susceptibilities
-from susc_callback.sampler.activations import TanhGELU, fuse_activations
+from susc_callback.sampler.activations import TanhGELU, swap_activations
 
 
 def _activation_types(model: torch.nn.Module) -> set[str]:
     return {type(m).__name__ for m in model.modules() if "GELU" in type(m).__name__}
 
 
-def test_fused_gelu_computes_the_same_function():
+def test_swapped_gelu_computes_the_same_function():
     x = torch.linspace(-8, 8, 10001)
     fused = torch.nn.Sequential(NewGELUActivation(), FastGELUActivation())
-    fuse_activations(fused)
+    swap_activations(fused)
     assert _activation_types(fused) == {"TanhGELU"}
     for original in (NewGELUActivation(), FastGELUActivation()):
         torch.testing.assert_close(fused[0](x), original(x), rtol=1e-6, atol=1e-6)
@@ -44,10 +44,10 @@ def test_tanh_gelu_matches_a_float64_reference_with_and_without_autograd():
     torch.testing.assert_close(grad, slope.float())
 
 
-def test_fused_model_gives_the_same_logits():
+def test_swapped_model_gives_the_same_logits():
     model = tiny_gpt2().eval()
     fused = copy.deepcopy(model)
-    fuse_activations(fused)
+    swap_activations(fused)
     assert _activation_types(model) == {"NewGELUActivation"}
     assert _activation_types(fused) == {"TanhGELU"}
     ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -56,7 +56,7 @@ def test_fused_model_gives_the_same_logits():
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_engine_samples_with_fused_activations_only_in_its_snapshot(gpt2, probe, sampling_ids,
+def test_engine_samples_with_swapped_activations_only_in_its_snapshot(gpt2, probe, sampling_ids,
                                                                    config):
     seen = []
 
@@ -69,3 +69,11 @@ def test_engine_samples_with_fused_activations_only_in_its_snapshot(gpt2, probe,
     estimate_susceptibilities(gpt2, None, sampling_ids, probe, config, loss_fn=loss_fn)
     assert seen and all(types == {"TanhGELU"} for types in seen)
     assert _activation_types(gpt2) == {"NewGELUActivation"}
+
+
+def test_cpu_gelu_backward_passes_a_finite_difference_check():
+    from susc_callback.sampler.activations import _SigmoidGELU
+
+    x = torch.linspace(-6, 6, 96, dtype=torch.float64).reshape(8, 12).t()  # non-contiguous
+    assert not x.is_contiguous()
+    assert torch.autograd.gradcheck(_SigmoidGELU.apply, (x.requires_grad_(),))

@@ -23,6 +23,7 @@ from susc_callback import (
 )
 from susc_callback.components.component import resolve_components
 from susc_callback.sampler.divergence import DivergenceWatch
+from susc_callback.sampler.group import check_stacking
 from susc_callback.sampler.sgld import chain_seed, make_generator
 
 
@@ -498,13 +499,28 @@ def _regression_estimate(model, config, batch_chains, *, components=None, batch=
                                      loss_fn=loss_fn, collate_fn=collate_fn)
 
 
+def _spy_on_stacking_check(monkeypatch) -> list:
+    """Records every stacking check the engine runs (each a list of chain names)."""
+    checked = []
+
+    def spy(chains, group):
+        checked.append([chain.name for chain in chains])
+        return check_stacking(chains, group)
+
+    monkeypatch.setattr("susc_callback.estimator.engine.check_stacking", spy)
+    return checked
+
+
 @pytest.mark.parametrize("misused", [False, True])
-def test_stacking_is_checked_against_one_at_a_time(misused, config):
+def test_stacking_is_checked_against_one_at_a_time(misused, config, monkeypatch):
     """Every chain is checked, not only the first few: the misused weight is the sixth."""
     torch.manual_seed(0)
     model = _LinearHeads(misused)
+    config = config.replace(eval_batch_size=32)  # 6 chains x 4 rows: "auto" stacks on a CPU
+    checked = _spy_on_stacking_check(monkeypatch)
     sequential = _regression_estimate(model, config, "off")
     auto = _regression_estimate(model, config, "auto")  # stacked when exact, else one by one
+    assert checked == [[f"h{i}" for i in range(6)]]
     np.testing.assert_allclose(auto.chi, sequential.chi, rtol=1e-4, atol=1e-6)
     if misused:
         with pytest.raises(ValueError, match="'h5' differs from evaluating it alone.*"
@@ -512,15 +528,18 @@ def test_stacking_is_checked_against_one_at_a_time(misused, config):
             _regression_estimate(model, config, "on")
 
 
-def test_a_loss_coupling_samples_is_not_stacked(config):
+def test_a_loss_coupling_samples_is_not_stacked(config, monkeypatch):
     """A loss that mixes the rows of a batch would mix the stacked chains' rows."""
     def coupled(m, batch):
         prediction = m(batch["x"])
         return (prediction - batch["y"]) ** 2 + prediction.mean()
 
     model = _LinearHeads(False)
+    config = config.replace(eval_batch_size=32)  # 6 chains x 4 rows: "auto" stacks on a CPU
+    checked = _spy_on_stacking_check(monkeypatch)
     sequential = _regression_estimate(model, config, "off", loss_fn=coupled)
     auto = _regression_estimate(model, config, "auto", loss_fn=coupled)
+    assert len(checked) == 1  # "auto" checked, found the coupling and ran one by one
     np.testing.assert_allclose(auto.chi, sequential.chi, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="differs from evaluating it alone.*couple samples"):
         _regression_estimate(model, config, "on", loss_fn=coupled)

@@ -45,7 +45,7 @@ from susc_callback.data.sampling import LossFn, SamplingData, token_losses
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.estimator.sums import DrawSums, susceptibilities
 from susc_callback.estimator.workers import fork_is_safe, run_forked
-from susc_callback.sampler.activations import fuse_activations
+from susc_callback.sampler.activations import swap_activations
 from susc_callback.sampler.divergence import DivergenceWatch
 from susc_callback.sampler.group import (
     ChainStep,
@@ -181,12 +181,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _float32_snapshot(model: nn.Module, device: torch.device) -> nn.Module:
-    """A private float32 eval-mode copy with frozen parameters and fused activations."""
+    """A private float32 eval-mode copy with frozen parameters and faster activations."""
     snapshot = deepcopy(model).to(device=device, dtype=torch.float32).eval()
     for param in snapshot.parameters():
         param.requires_grad_(False)
         param.grad = None
-    fuse_activations(snapshot)
+    swap_activations(snapshot)
     return snapshot
 
 
@@ -319,14 +319,18 @@ class _Run:
         when the first draw is taken before any update, that draw (the observable loss,
         None when it is each chain's minibatch loss, and the probe token losses)."""
         cfg = self.config
-        fixed = cfg.observable == "fixed"
+        first_draw_at_optimum = _draw_index(0, cfg) is not None
+        needs_observable = cfg.observable == "fixed" and (cfg.anchor == "exact"
+                                                         or first_draw_at_optimum)
         with torch.no_grad():
-            at_optimum = self._group_losses(0, self.observable_chunks if fixed else [])
-            observable = at_optimum.observable_loss()[0] if fixed else None
-            self.anchor = observable
+            at_optimum = self._group_losses(
+                0, self.observable_chunks if needs_observable else [])
+            observable = at_optimum.observable_loss()[0] if needs_observable else None
             if cfg.anchor == "separate-batches":
                 self.anchor = self._group_losses(0, self.anchor_chunks).observable_loss()[0]
-            if _draw_index(0, cfg) is not None:
+            else:
+                self.anchor = observable
+            if first_draw_at_optimum:
                 self.checkpoint = observable, at_optimum.probe_losses()[0]
 
     def _plan_group(self, depth: int, members: list[ResolvedComponent]) -> _GroupPlan:

@@ -49,25 +49,30 @@ def run_forked(task: Callable[[list[int], Progress], Any], shares: list[list[int
     ended)."""
     context = multiprocessing.get_context("fork")
     threads = max(1, torch.get_num_threads() // len(shares))
-    done = context.Value("q", 0)
-    workers = []
-    for share in shares:
+    done = context.RawArray("q", len(shares))  # steps done, one slot per worker: no lock
+    workers = []                                # that a killed worker could leave taken
+    for index, share in enumerate(shares):
         receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(target=_work, args=(task, share, threads, done, sender),
-                                  daemon=True)
+        process = context.Process(target=_work, args=(task, share, threads, done, index,
+                                                      sender), daemon=True)
         process.start()
         sender.close()
         workers.append((process, receiver))
     outcomes: list[tuple[str, Any, list]] = [None] * len(workers)  # type: ignore[list-item]
     pending = {receiver: index for index, (_, receiver) in enumerate(workers)}
     reported = 0
-    while pending:  # wakes as soon as a worker sends, or to update the progress bar
-        for receiver in wait(list(pending), timeout=PROGRESS_INTERVAL):
-            index = pending.pop(receiver)
-            outcomes[index] = _receive(receiver, workers[index][0])
-        reported = _report(done, reported, progress)
-    for process, _ in workers:
-        process.join()
+    try:
+        while pending:  # wakes as soon as a worker sends, or to update the progress bar
+            for receiver in wait(list(pending), timeout=PROGRESS_INTERVAL):
+                index = pending.pop(receiver)
+                outcomes[index] = _receive(receiver, workers[index][0])
+            reported = _report(done, reported, progress)
+    finally:  # interrupted (e.g. KeyboardInterrupt): stop the workers still running
+        for index in pending.values():
+            workers[index][0].terminate()
+        for process, receiver in workers:
+            process.join()
+            receiver.close()
     _report(done, reported, progress)
     for _, _, caught in outcomes:
         for warning in caught:
@@ -79,12 +84,12 @@ def run_forked(task: Callable[[list[int], Progress], Any], shares: list[list[int
     return [value for _, value, _ in outcomes]
 
 
-def _work(task: Callable, share: list[int], threads: int, done: Any, sender: Any) -> None:
+def _work(task: Callable, share: list[int], threads: int, done: Any, index: int,
+          sender: Any) -> None:
     torch.set_num_threads(threads)
 
     def progress(count: int) -> None:
-        with done.get_lock():
-            done.value += count
+        done[index] += count
 
     with warnings.catch_warnings(record=True) as caught:
         try:
@@ -107,10 +112,13 @@ def _receive(receiver: Any, process: Any) -> tuple[str, Any, list]:
         process.join()
         return ("error", RuntimeError(f"a chain worker ended with exit code "
                                       f"{process.exitcode} before sending its result"), [])
+    except Exception as error:  # e.g. an exception type that cannot be rebuilt here
+        return ("error", RuntimeError(f"a chain worker's result could not be read: "
+                                      f"{type(error).__name__}: {error}"), [])
 
 
 def _report(done: Any, reported: int, progress: Progress) -> int:
-    value = done.value
+    value = sum(done)
     if value > reported:
         progress(value - reported)
     return value

@@ -213,8 +213,10 @@ def _stack(param: torch.Tensor, name: str, chains: list[RestrictedChain]) -> tor
     return stacked
 
 
-CHECK_SEQUENCES = 2  # probe sequences of the stacking check: two, so that a loss coupling
-                    # samples shows
+CHECK_SEQUENCES = 2  # probe sequences of the stacking check: what it looks for shows on
+                    # any rows (a parameter read outside its module changes every row; a
+                    # loss or module mixing rows mixes the stacked chains' copies), so a
+                    # couple of sequences do, at a fraction of the cost of a whole chunk
 
 
 def check_stacking(chains: list[RestrictedChain], group: GroupLosses) -> None:
