@@ -20,11 +20,11 @@ def _activation_types(model: torch.nn.Module) -> set[str]:
 
 def test_swapped_gelu_computes_the_same_function():
     x = torch.linspace(-8, 8, 10001)
-    fused = torch.nn.Sequential(NewGELUActivation(), FastGELUActivation())
-    swap_activations(fused)
-    assert _activation_types(fused) == {"TanhGELU"}
+    swapped = torch.nn.Sequential(NewGELUActivation(), FastGELUActivation())
+    swap_activations(swapped)
+    assert _activation_types(swapped) == {"TanhGELU"}
     for original in (NewGELUActivation(), FastGELUActivation()):
-        torch.testing.assert_close(fused[0](x), original(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(swapped[0](x), original(x), rtol=1e-6, atol=1e-6)
 
 
 def test_tanh_gelu_matches_a_float64_reference_with_and_without_autograd():
@@ -46,18 +46,18 @@ def test_tanh_gelu_matches_a_float64_reference_with_and_without_autograd():
 
 def test_swapped_model_gives_the_same_logits():
     model = tiny_gpt2().eval()
-    fused = copy.deepcopy(model)
-    swap_activations(fused)
+    swapped = copy.deepcopy(model)
+    swap_activations(swapped)
     assert _activation_types(model) == {"NewGELUActivation"}
-    assert _activation_types(fused) == {"TanhGELU"}
+    assert _activation_types(swapped) == {"TanhGELU"}
     ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(fused(input_ids=ids).logits, model(input_ids=ids).logits,
+        torch.testing.assert_close(swapped(input_ids=ids).logits, model(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
 
 
 def test_engine_samples_with_swapped_activations_only_in_its_snapshot(gpt2, probe, sampling_ids,
-                                                                   config):
+                                                                      config):
     seen = []
 
     def loss_fn(m, batch):

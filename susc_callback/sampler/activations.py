@@ -5,8 +5,8 @@ GPT-2's ``gelu_new`` (transformers' ``NewGELUActivation``) computes
 kernels, each reading and writing the whole ``(batch, positions, 4 d)`` tensor, forward and
 backward; on GPT-2 workloads the activation alone was 12-18% of the engine's time.
 :class:`TanhGELU` computes the same function, equal up to float32 rounding, in fewer
-and cheaper passes. The engine swaps the modules of its private float32 snapshot only, never the
-caller's model.
+and cheaper passes. The engine swaps the modules of its private float32 snapshot only,
+never the caller's model.
 """
 
 from __future__ import annotations
