@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal, get_args
 
 ObservableLoss = Literal["fixed", "minibatch"]
 Anchor = Literal["exact", "separate-batches"]
 OnDivergence = Literal["raise", "mark"]
 BatchChains = Literal["auto", "on", "off"]
+
+
+def _estimate(default: Any, help: str) -> Any:
+    """A field that defines the estimate: results that differ in it never mix."""
+    return field(default=default, metadata={"help": help, "defines_estimate": True})
+
+
+def _run(default: Any, help: str) -> Any:
+    """A field that only says how the estimate is run (same numbers up to float rounding,
+    or which failures raise): results that differ only in such fields mix."""
+    return field(default=default, metadata={"help": help, "defines_estimate": False})
 
 
 @dataclass(frozen=True)
@@ -22,69 +33,70 @@ class SGLDConfig:
                + sqrt(step_size) * N(0, I)
 
     Defaults are the per-token setting of the Structural Inference paper; treat them as a
-    starting point and check the chain diagnostics (``docs/engine.md``).
+    starting point and check the chain diagnostics (``docs/engine.md``). Every field has a
+    help text (``SGLDConfig.field_help()``) and is marked as defining the estimate or as
+    only saying how it is run (:meth:`estimate_settings`).
     """
 
-    step_size: float = 1e-3
-    """SGLD step size epsilon (the learning rate)."""
-    n_beta: float = 30.0
-    """Inverse temperature times sample size, n*beta."""
-    gamma: float = 300.0
-    """Localization strength: pulls the chain back towards w*."""
-    num_chains: int = 4
-    """Independent chains per component (and for the full baseline chain)."""
-    num_draws: int = 100
-    """Draws kept per chain."""
-    num_burnin: int = 0
-    """SGLD steps discarded before the first draw."""
-    steps_between_draws: int = 1
-    """SGLD steps from one draw to the next."""
-    batch_size: int = 16
-    """Sequences per SGLD minibatch."""
-    observable: ObservableLoss = "fixed"
-    """What L(w) in phi = L(w) - L(w*) is measured on: "fixed" = the same
-    ``observable_sequences`` sampling sequences at every draw (low variance; default);
-    "minibatch" = the draw's SGLD minibatch, with L(w*) evaluated on that same minibatch."""
-    observable_sequences: int = 16
-    """Size of the fixed observable set (used when observable="fixed")."""
-    anchor: Anchor = "exact"
-    """How L(w*) is measured. "exact": on the very sequences L(w) is measured on, so
-    phi(w*) = 0. "separate-batches": the mean loss at w* of ``observable_sequences``
-    *other* sampling sequences, which is what devinterp 2.0.1 does (for comparisons only;
-    it adds a constant offset to phi that biases every susceptibility)."""
-    eval_batch_size: int = 32
-    """Sequences per forward pass when evaluating probe and observable losses. On a CPU
-    this bounds every forward pass, stacked chains' copies included (see ``batch_chains``):
-    larger passes only miss caches there."""
-    seed: int = 0
-    """Seed of the private RNG. Each component's chains are seeded from (seed, name)."""
-    on_divergence: OnDivergence = "raise"
-    """A chain whose loss or weights become non-finite: "raise" an error naming the
-    component, chain and step, or "mark" the component as failed (NaN row) and go on."""
-    batch_chains: BatchChains = "auto"
-    """Evaluate the chains of one prefix group *stacked*: one forward and one backward pass
-    over a batch holding a copy of the inputs per chain, each module that owns a chain's
-    parameters (Linear, transformers' Conv1D, LayerNorm) applying that chain's values to its
-    copy. "auto": stacked wherever that is exact (checked against one-at-a-time evaluation
-    once per group) and, on a CPU, where the group's stacked minibatch fits in one pass of
-    ``eval_batch_size`` rows (larger passes do not pay there); else one chain at a time.
-    "on": stacked, or a clear error; "off": one chain at a time. Same numbers either way,
-    up to float rounding."""
-    max_batched_chains: int = 32
-    """Most chains stacked in one batch; a batch that runs out of device memory is halved
-    and retried."""
-    workers: int | Literal["auto"] = "auto"
-    """CPU processes that run different chains at the same time (forked, Linux only), each
-    with an equal share of torch's intra-op threads: small models use two single-threaded
-    processes better than one process with two threads. "auto": ``min(num_chains,
-    threads)`` where forking is safe (CPU device, Linux, no other non-daemon Python thread,
-    not in a daemon process or a ``torch.distributed`` group), else 1. Same numbers either
-    way, up to float rounding; a ``loss_fn`` then runs in the workers, so its side effects
-    on Python objects do not reach the caller."""
-    device: str | None = None
-    """Where to sample; None = the model's own device."""
-    progress: bool | None = None
-    """Show a progress bar; None = only when stderr is a terminal."""
+    step_size: float = _estimate(1e-3, "SGLD step size epsilon (the learning rate).")
+    n_beta: float = _estimate(30.0, "Inverse temperature times sample size, n*beta.")
+    gamma: float = _estimate(300.0, "Localization strength: pulls the chain back towards w*.")
+    num_chains: int = _estimate(
+        4, "Independent chains per component (and for the full baseline chain).")
+    num_draws: int = _estimate(100, "Draws kept per chain.")
+    num_burnin: int = _estimate(0, "SGLD steps discarded before the first draw.")
+    steps_between_draws: int = _estimate(1, "SGLD steps from one draw to the next.")
+    batch_size: int = _estimate(16, "Sequences per SGLD minibatch.")
+    observable: ObservableLoss = _estimate(
+        "fixed",
+        "What L(w) in phi = L(w) - L(w*) is measured on: 'fixed' = the same "
+        "observable_sequences sampling sequences at every draw (low variance; default); "
+        "'minibatch' = the draw's SGLD minibatch, with L(w*) evaluated on that same "
+        "minibatch.")
+    observable_sequences: int = _estimate(
+        16, "Size of the fixed observable set (used when observable='fixed').")
+    anchor: Anchor = _estimate(
+        "exact",
+        "How L(w*) is measured. 'exact': on the very sequences L(w) is measured on, so "
+        "phi(w*) = 0. 'separate-batches': the mean loss at w* of observable_sequences "
+        "*other* sampling sequences, which is what devinterp 2.0.1 does (for comparisons "
+        "only; it adds a constant offset to phi that biases every susceptibility).")
+    eval_batch_size: int = _estimate(
+        32,
+        "Sequences per forward pass when evaluating probe and observable losses. On a CPU "
+        "this bounds every forward pass, stacked chains' copies included (see "
+        "batch_chains): larger passes only miss caches there.")
+    seed: int = _estimate(
+        0, "Seed of the private RNG. Each component's chains are seeded from (seed, name).")
+    on_divergence: OnDivergence = _run(
+        "raise",
+        "A chain whose loss or weights become non-finite: 'raise' an error naming the "
+        "component, chain and step, or 'mark' the component as failed (NaN row) and go on.")
+    batch_chains: BatchChains = _run(
+        "auto",
+        "Evaluate the chains of one prefix group *stacked*: one forward and one backward "
+        "pass over a batch holding a copy of the inputs per chain, each module that owns a "
+        "chain's parameters (Linear, transformers' Conv1D, LayerNorm) applying that "
+        "chain's values to its copy. 'auto': stacked wherever that is exact (checked "
+        "against one-at-a-time evaluation once per group) and, on a CPU, where the group's "
+        "stacked minibatch fits in one pass of eval_batch_size rows (larger passes do not "
+        "pay there); else one chain at a time. 'on': stacked, or a clear error; 'off': one "
+        "chain at a time. Same numbers either way, up to float rounding.")
+    max_batched_chains: int = _run(
+        32, "Most chains stacked in one batch; a batch that runs out of device memory is "
+        "halved and retried.")
+    workers: int | Literal["auto"] = _run(
+        "auto",
+        "CPU processes that run different chains at the same time (forked, Linux only), "
+        "each with an equal share of torch's intra-op threads: small models use two "
+        "single-threaded processes better than one process with two threads. 'auto': "
+        "min(num_chains, threads) where forking is safe (CPU device, Linux, no other "
+        "non-daemon Python thread, not in a daemon process or a torch.distributed group), "
+        "else 1. Same numbers either way, up to float rounding; a loss_fn then runs in the "
+        "workers, so its side effects on Python objects do not reach the caller.")
+    device: str | None = _run(None, "Where to sample; None = the model's own device.")
+    progress: bool | None = _run(
+        None, "Show a progress bar; None = only when stderr is a terminal.")
 
     def __post_init__(self) -> None:
         for name in ("step_size", "n_beta"):
@@ -100,10 +112,8 @@ class SGLDConfig:
                 raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
         if not isinstance(self.num_burnin, int) or self.num_burnin < 0:
             raise ValueError(f"Invalid num_burnin: {self.num_burnin!r} (must be an integer >= 0)")
-        _check_choice("observable", self.observable, ("fixed", "minibatch"))
-        _check_choice("anchor", self.anchor, ("exact", "separate-batches"))
-        _check_choice("on_divergence", self.on_divergence, ("raise", "mark"))
-        _check_choice("batch_chains", self.batch_chains, ("auto", "on", "off"))
+        for name, choices in CHOICES.items():
+            _check_choice(name, getattr(self, name), choices)
         if self.workers != "auto" and (not isinstance(self.workers, int) or
                                        isinstance(self.workers, bool) or self.workers < 1):
             raise ValueError(f"Invalid workers: {self.workers!r} (must be 'auto' or an "
@@ -113,6 +123,17 @@ class SGLDConfig:
     def num_steps(self) -> int:
         """SGLD steps per chain: burn-in plus ``num_draws * steps_between_draws``."""
         return self.num_burnin + self.num_draws * self.steps_between_draws
+
+    def estimate_settings(self) -> dict[str, Any]:
+        """The fields that define the estimate (the rest only say how it is run): two
+        results belong to one series exactly when these are equal."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.metadata["defines_estimate"]}
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """``{field name: help text}`` in declaration order (e.g. for command-line flags)."""
+        return {f.name: f.metadata["help"] for f in fields(cls)}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dictionary of every field."""
@@ -136,6 +157,11 @@ class SGLDConfig:
         """A fast preset for tests and smoke runs: 2 chains, 20 draws, batch 8."""
         base = dict(num_chains=2, num_draws=20, batch_size=8, observable_sequences=8)
         return cls(**{**base, **changes})
+
+
+CHOICES = {"observable": get_args(ObservableLoss), "anchor": get_args(Anchor),
+           "on_divergence": get_args(OnDivergence), "batch_chains": get_args(BatchChains)}
+"""The valid values of each ``SGLDConfig`` field that takes one of a few strings."""
 
 
 def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
