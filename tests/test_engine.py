@@ -23,7 +23,7 @@ from susc_callback import (
 )
 from susc_callback.components.component import resolve_components
 from susc_callback.sampler.divergence import DivergenceWatch
-from susc_callback.sampler.group import check_stacking
+from susc_callback.sampler.group import GroupLosses
 from susc_callback.sampler.sgld import chain_seed, make_generator
 
 
@@ -447,19 +447,17 @@ def test_stacking_a_group_of_one_and_a_group_without_restricted_chains(gpt2, pro
 
 def test_batches_split_when_out_of_memory(gpt2, probe, sampling_ids, config, monkeypatch):
     """A batch that does not fit is halved and retried, with the same numbers."""
-    import susc_callback.estimator.engine as engine
-
     sizes = []
-    real = engine.evaluate_stacked
+    real = GroupLosses.evaluate_stacked
 
-    def small_device(chains, *args):
+    def small_device(group, chains, *args):
         sizes.append(len(chains))
         if len(chains) > 1:
             raise torch.OutOfMemoryError("simulated")
-        return real(chains, *args)
+        return real(group, chains, *args)
 
     reference = _estimate(gpt2, probe, sampling_ids, config.replace(batch_chains="on"))
-    monkeypatch.setattr(engine, "evaluate_stacked", small_device)
+    monkeypatch.setattr(GroupLosses, "evaluate_stacked", small_device)
     with pytest.warns(RuntimeWarning, match="Out of memory with 2 chains"):
         split = _estimate(gpt2, probe, sampling_ids, config.replace(batch_chains="on"))
     assert sizes[:3] == [2, 1, 1] and max(sizes[3:]) == 1
@@ -503,11 +501,13 @@ def _spy_on_stacking_check(monkeypatch) -> list:
     """Records every stacking check the engine runs (each a list of chain names)."""
     checked = []
 
-    def spy(chains, group):
-        checked.append([chain.name for chain in chains])
-        return check_stacking(chains, group)
+    real = GroupLosses.check_stacking
 
-    monkeypatch.setattr("susc_callback.estimator.engine.check_stacking", spy)
+    def spy(group, chains):
+        checked.append([chain.name for chain in chains])
+        return real(group, chains)
+
+    monkeypatch.setattr(GroupLosses, "check_stacking", spy)
     return checked
 
 

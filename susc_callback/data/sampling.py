@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
+from susc_callback.data.rows import batch_rows
+
 LossFn = Callable[[nn.Module, dict], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 """``loss_fn(model, batch)`` -> per-sample losses ``(B,)`` or ``(B, K)``, optionally with a
 boolean validity mask of the same shape as a second return value."""
@@ -134,13 +136,3 @@ def token_losses(loss_fn: LossFn | None, model: nn.Module, batch: dict
         raise ValueError(f"loss_fn returned a validity mask of shape {tuple(valid.shape)} for "
                          f"losses of shape {tuple(losses.shape)}; they must match")
     return losses.float(), valid.bool()
-
-
-def batch_rows(batch: Mapping[str, object]) -> int | None:
-    """Samples in a batch: the leading dimension of ``input_ids``, else the most common
-    leading dimension of its tensors (None if it has none)."""
-    ids = batch.get("input_ids")
-    if isinstance(ids, torch.Tensor) and ids.dim():
-        return ids.shape[0]
-    sizes = [v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim()]
-    return max(sizes, key=sizes.count) if sizes else None

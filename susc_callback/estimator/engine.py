@@ -47,13 +47,7 @@ from susc_callback.estimator.sums import DrawSums, susceptibilities
 from susc_callback.estimator.workers import fork_is_safe, run_forked
 from susc_callback.sampler.activations import swap_activations
 from susc_callback.sampler.divergence import DivergenceWatch
-from susc_callback.sampler.group import (
-    ChainStep,
-    GroupLosses,
-    check_stacking,
-    evaluate_sequential,
-    evaluate_stacked,
-)
+from susc_callback.sampler.group import ChainStep, GroupLosses
 from susc_callback.sampler.isolation import ieee_float32, preserved_rng_state
 from susc_callback.sampler.prefix import PrefixReplay
 from susc_callback.sampler.sgld import RestrictedChain, chain_seed, make_generator
@@ -440,7 +434,7 @@ class _Run:
     def _check_stacking(self, chains: list[RestrictedChain], group: GroupLosses) -> None:
         """Check every chain; one that fails turns stacking off for the group."""
         try:
-            for _ in self._in_stacks(chains, lambda part: check_stacking(part, group)):
+            for _ in self._in_stacks(chains, group.check_stacking):
                 pass
         except StackingUnsupported as error:
             self._stop_stacking(str(error))
@@ -479,20 +473,20 @@ class _Run:
         minibatch_observable = self.config.observable == "minibatch"
         restricted = [c for c in chains if c.name != FULL]
         full = [c for c in chains if c.name == FULL]
-        pairs = list(zip(full, evaluate_sequential(full, group, batch, hidden, draw,
-                                                   minibatch_observable)))
+        pairs = list(zip(full, group.evaluate_sequential(full, batch, hidden, draw,
+                                                         minibatch_observable)))
         done = 0
         if self.stacked:
             try:
-                for part, outputs in self._in_stacks(restricted, lambda part: evaluate_stacked(
-                        part, group, batch, hidden, draw, minibatch_observable)):
+                for part, outputs in self._in_stacks(restricted, lambda part: group.evaluate_stacked(
+                        part, batch, hidden, draw, minibatch_observable)):
                     pairs += zip(part, outputs)
                     done += len(part)
             except StackingUnsupported as error:
                 self._stop_stacking(str(error))
         rest = restricted[done:]
-        return pairs + list(zip(rest, evaluate_sequential(rest, group, batch, hidden, draw,
-                                                          minibatch_observable)))
+        return pairs + list(zip(rest, group.evaluate_sequential(rest, batch, hidden, draw,
+                                                                minibatch_observable)))
 
     def _shrink_batches(self, failed_size: int) -> None:
         self.batch_limit = failed_size // 2

@@ -5,8 +5,8 @@ probe and observable-set activations after those blocks are captured once
 (:class:`GroupLosses`) and replayed for every chain and draw. Two ways to evaluate the
 chains of a group at a step, with the same numbers up to float rounding:
 
-* :func:`evaluate_sequential` loads one chain at a time into the shared snapshot;
-* :func:`evaluate_stacked` runs all of them as one batch of ``G x B`` rows, each module
+* :meth:`GroupLosses.evaluate_sequential` loads one chain at a time into the shared snapshot;
+* :meth:`GroupLosses.evaluate_stacked` runs all of them as one batch of ``G x B`` rows, each module
   that owns a chain's parameters applying that chain's values to its block of rows
   (:mod:`susc_callback.sampler.stacking`): one forward and one backward for ``G`` chains.
 """
@@ -19,17 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from susc_callback.data.sampling import LossFn, batch_rows, token_losses
+from susc_callback.data.rows import batch_rows, repeat_rows, select_rows, take_rows
+from susc_callback.data.sampling import LossFn, token_losses
 from susc_callback.sampler.prefix import PrefixReplay
 from susc_callback.sampler.sgld import RestrictedChain
-from susc_callback.sampler.stacking import (
-    StackedModules,
-    StackingUnsupported,
-    parameter_owners,
-    repeat_rows,
-    select_rows,
-    take_rows,
-)
+from susc_callback.sampler.stacking import StackedModules, StackingUnsupported, parameter_owners
 
 
 @dataclass
@@ -41,6 +35,12 @@ class ChainStep:
     grads: list[torch.Tensor]
     observable: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+
+
+CHECK_SEQUENCES = 2  # probe sequences of the stacking check: what it looks for shows on
+                    # any rows (a parameter read outside its module changes every row; a
+                    # loss or module mixing rows mixes the stacked chains' copies), so a
+                    # couple of sequences do, at a fraction of the cost of a whole chunk
 
 
 class GroupLosses:
@@ -157,50 +157,84 @@ class GroupLosses:
                         take_rows(hidden, valid.shape[0], rows))
         raise ValueError("The probe set has no valid tokens")
 
+    def evaluate_sequential(self, chains: list[RestrictedChain], batch: dict,
+                            hidden: torch.Tensor | None, draw: bool,
+                            minibatch_observable: bool) -> list[ChainStep]:
+        """One chain at a time: load its values, forward/backward, evaluate, restore ``w*``."""
+        steps = []
+        for chain in chains:
+            chain.load()
+            try:
+                loss, grads = self.loss_and_grads(batch, hidden, chain.params)
+                step = ChainStep(loss[0], grads)
+                if draw:
+                    with torch.no_grad():
+                        step.observable = step.loss if minibatch_observable else \
+                            self.observable_loss()[0]
+                        step.tokens = self.probe_losses()[0]
+            finally:
+                chain.unload()
+            steps.append(step)
+        return steps
 
-def evaluate_sequential(chains: list[RestrictedChain], group: GroupLosses, batch: dict,
-                        hidden: torch.Tensor | None, draw: bool,
-                        minibatch_observable: bool) -> list[ChainStep]:
-    """One chain at a time: load its values, forward/backward, evaluate, restore ``w*``."""
-    steps = []
-    for chain in chains:
-        chain.load()
-        try:
-            loss, grads = group.loss_and_grads(batch, hidden, chain.params)
-            step = ChainStep(loss[0], grads)
-            if draw:
-                with torch.no_grad():
-                    step.observable = step.loss if minibatch_observable else \
-                        group.observable_loss()[0]
-                    step.tokens = group.probe_losses()[0]
-        finally:
-            chain.unload()
-        steps.append(step)
-    return steps
-
-
-def evaluate_stacked(chains: list[RestrictedChain], group: GroupLosses, batch: dict,
-                     hidden: torch.Tensor | None, draw: bool,
-                     minibatch_observable: bool) -> list[ChainStep]:
-    """All chains at once, as one batch of ``G x B`` rows over their stacked values."""
-    names = list(dict.fromkeys(name for chain in chains for name in chain.names))
-    values = {name: _stack(group.model.get_parameter(name), name, chains).requires_grad_()
-              for name in names}
-    stack = StackedModules(group.model, values, group.owners)
-    losses, grads = group.loss_and_grads(batch, hidden, list(values.values()), stack)
-    by_name = dict(zip(names, grads))
-    observables = tokens = None
-    if draw:
-        with torch.no_grad():
-            observables = losses if minibatch_observable else group.observable_loss(stack)
-            tokens = group.probe_losses(stack)
-    steps = []
-    for j, chain in enumerate(chains):
-        step = ChainStep(losses[j], [by_name[name][j] for name in chain.names])
+    def evaluate_stacked(self, chains: list[RestrictedChain], batch: dict,
+                         hidden: torch.Tensor | None, draw: bool,
+                         minibatch_observable: bool) -> list[ChainStep]:
+        """All chains at once, as one batch of ``G x B`` rows over their stacked values."""
+        names = list(dict.fromkeys(name for chain in chains for name in chain.names))
+        values = {name: _stack(self.model.get_parameter(name), name, chains).requires_grad_()
+                  for name in names}
+        stack = StackedModules(self.model, values, self.owners)
+        losses, grads = self.loss_and_grads(batch, hidden, list(values.values()), stack)
+        by_name = dict(zip(names, grads))
+        observables = tokens = None
         if draw:
-            step.observable, step.tokens = observables[j], tokens[j]
-        steps.append(step)
-    return steps
+            with torch.no_grad():
+                observables = losses if minibatch_observable else self.observable_loss(stack)
+                tokens = self.probe_losses(stack)
+        steps = []
+        for j, chain in enumerate(chains):
+            step = ChainStep(losses[j], [by_name[name][j] for name in chain.names])
+            if draw:
+                step.observable, step.tokens = observables[j], tokens[j]
+            steps.append(step)
+        return steps
+
+    def check_stacking(self, chains: list[RestrictedChain]) -> None:
+        """Raise :class:`StackingUnsupported` unless stacked evaluation of ``chains``
+        reproduces one-at-a-time evaluation (mean loss and gradients on ``CHECK_SEQUENCES``
+        probe sequences) with the chains moved apart, chain ``j``'s entries shifted by
+        ``0.01 (1 + j / G)``. Stacking is exact only when every use of a stacked parameter
+        goes through its module's forward on the batch rows and the loss treats samples one
+        by one, which module types and call shapes alone cannot prove (e.g. a tied weight
+        read directly). What it checks is structural, so a few sequences show it."""
+        chunk, hidden = self.probe_sample(CHECK_SEQUENCES)
+        states = [chain.state for chain in chains]
+        try:
+            for j, chain in enumerate(chains):
+                shift = 0.01 * (1 + j / len(chains))
+                chain.state = [value + shift for value in chain.state]
+            sequential = self.evaluate_sequential(chains, chunk, hidden, False, True)
+            try:
+                stacked = self.evaluate_stacked(chains, chunk, hidden, False, True)
+            except (StackingUnsupported, torch.OutOfMemoryError):
+                raise
+            except Exception as error:  # any other failure means: do not stack
+                raise StackingUnsupported(f"stacked evaluation failed "
+                                          f"({type(error).__name__}: {error})") from error
+        finally:
+            for chain, state in zip(chains, states):
+                chain.state = state
+        for chain, one, other in zip(chains, stacked, sequential):
+            same = torch.allclose(one.loss, other.loss, rtol=1e-4, atol=1e-6) and all(
+                torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+                for a, b in zip(one.grads, other.grads))
+            if not same:
+                raise StackingUnsupported(
+                    f"stacked evaluation of {chain.name!r} differs from evaluating it alone "
+                    f"(loss {float(one.loss):.6g} vs {float(other.loss):.6g}): a parameter of "
+                    "it may be used outside its module's forward, or the loss may couple "
+                    "samples")
 
 
 def _stack(param: torch.Tensor, name: str, chains: list[RestrictedChain]) -> torch.Tensor:
@@ -211,45 +245,3 @@ def _stack(param: torch.Tensor, name: str, chains: list[RestrictedChain]) -> tor
         if name in chain.names:
             chain.write_into(name, stacked[j])
     return stacked
-
-
-CHECK_SEQUENCES = 2  # probe sequences of the stacking check: what it looks for shows on
-                    # any rows (a parameter read outside its module changes every row; a
-                    # loss or module mixing rows mixes the stacked chains' copies), so a
-                    # couple of sequences do, at a fraction of the cost of a whole chunk
-
-
-def check_stacking(chains: list[RestrictedChain], group: GroupLosses) -> None:
-    """Raise :class:`StackingUnsupported` unless stacked evaluation of ``chains`` reproduces
-    one-at-a-time evaluation (mean loss and gradients on ``CHECK_SEQUENCES`` probe
-    sequences) with the chains moved apart, chain ``j``'s entries shifted by
-    ``0.01 (1 + j / G)``. Stacking is exact only when every use of a stacked parameter goes
-    through its module's forward on the batch rows and the loss treats samples one by one,
-    which module types and call shapes alone cannot prove (e.g. a tied weight read
-    directly). What it checks is structural, so a few sequences show it."""
-    chunk, hidden = group.probe_sample(CHECK_SEQUENCES)
-    states = [chain.state for chain in chains]
-    try:
-        for j, chain in enumerate(chains):
-            shift = 0.01 * (1 + j / len(chains))
-            chain.state = [value + shift for value in chain.state]
-        sequential = evaluate_sequential(chains, group, chunk, hidden, False, True)
-        try:
-            stacked = evaluate_stacked(chains, group, chunk, hidden, False, True)
-        except (StackingUnsupported, torch.OutOfMemoryError):
-            raise
-        except Exception as error:  # any other failure means: do not stack
-            raise StackingUnsupported(f"stacked evaluation failed ({type(error).__name__}: "
-                                      f"{error})") from error
-    finally:
-        for chain, state in zip(chains, states):
-            chain.state = state
-    for chain, one, other in zip(chains, stacked, sequential):
-        same = torch.allclose(one.loss, other.loss, rtol=1e-4, atol=1e-6) and all(
-            torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
-            for a, b in zip(one.grads, other.grads))
-        if not same:
-            raise StackingUnsupported(
-                f"stacked evaluation of {chain.name!r} differs from evaluating it alone "
-                f"(loss {float(one.loss):.6g} vs {float(other.loss):.6g}): a parameter of it "
-                "may be used outside its module's forward, or the loss may couple samples")

@@ -9,11 +9,13 @@ float32 snapshot the engine samples on, never the caller's model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
+
+from susc_callback.sampler.patching import patched_forward
 
 
 class _PrefixDone(Exception):
@@ -87,21 +89,10 @@ class PrefixReplay:
             handle.remove()
         raise RuntimeError(f"Block {num_blocks - 1} did not run during the forward pass")
 
-    @contextmanager
-    def replay(self, num_blocks: int, output: torch.Tensor | None) -> Iterator[None]:
+    def replay(self, num_blocks: int, output: torch.Tensor | None
+               ) -> AbstractContextManager[None]:
         """Within the context, blocks ``0..num_blocks-1`` return ``output`` uncomputed."""
-        patched = self.blocks[:num_blocks]
-        saved = [block.__dict__.get("forward") for block in patched]
-        for block in patched:
-            block.forward = _constant(output)
-        try:
-            yield
-        finally:
-            for block, previous in zip(patched, saved):
-                if previous is None:
-                    del block.forward
-                else:
-                    block.forward = previous
+        return patched_forward({block: _constant(output) for block in self.blocks[:num_blocks]})
 
 
 def _constant(output: torch.Tensor) -> Callable[..., torch.Tensor]:

@@ -18,12 +18,14 @@ evaluations before the engine relies on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from susc_callback.sampler.patching import patched_forward
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -79,21 +81,11 @@ class StackedModules:
                 self.stacked.setdefault(module, {})[attribute] = value
         self.rows = 0
 
-    @contextmanager
-    def applied(self, rows: int) -> Iterator[None]:
+    def applied(self, rows: int) -> AbstractContextManager[None]:
         """Patch the owning modules for one call on a batch of ``rows = G * B`` rows."""
         self.rows = rows
-        saved = {module: module.__dict__.get("forward") for module in self.stacked}
-        for module, values in self.stacked.items():
-            module.forward = self._forward(module, values)
-        try:
-            yield
-        finally:
-            for module, previous in saved.items():  # an instance-level wrapper survives
-                if previous is None:
-                    del module.forward
-                else:
-                    module.forward = previous
+        return patched_forward({module: self._forward(module, values)
+                                for module, values in self.stacked.items()})
 
     def _blocks(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``(G, rows_per_chain, features)``."""
@@ -127,33 +119,3 @@ class StackedModules:
             return out.reshape(*x.shape[:-1], out.shape[-1])
 
         return forward
-
-
-def select_rows(value: object, rows: int, start: int, size: int) -> object:
-    """Rows ``start:start + size`` of every tensor in ``value`` whose leading dimension is
-    ``rows`` (through tuples, lists and dicts; anything else unchanged)."""
-    return _map_rows(value, rows, lambda tensor: tensor[start:start + size])
-
-
-def take_rows(value: object, rows: int, indices: torch.Tensor) -> object:
-    """Rows ``indices`` of every tensor in ``value`` whose leading dimension is ``rows``."""
-    return _map_rows(value, rows, lambda tensor: tensor.index_select(0, indices.to(tensor.device)))
-
-
-def repeat_rows(value: object, rows: int, count: int) -> object:
-    """Every tensor in ``value`` whose leading dimension is ``rows``, repeated ``count``
-    times along it (copy ``j`` is rows ``j * rows`` to ``(j + 1) * rows - 1``)."""
-    return _map_rows(value, rows,
-                     lambda tensor: tensor.repeat(count, *([1] * (tensor.dim() - 1))))
-
-
-def _map_rows(value: object, rows: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> object:
-    if isinstance(value, torch.Tensor):
-        return fn(value) if value.dim() and value.shape[0] == rows else value
-    if isinstance(value, dict):
-        return {key: _map_rows(item, rows, fn) for key, item in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
-        return type(value)(*(_map_rows(item, rows, fn) for item in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_rows(item, rows, fn) for item in value)
-    return value
