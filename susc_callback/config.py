@@ -124,6 +124,14 @@ class SGLDConfig:
         """SGLD steps per chain: burn-in plus ``num_draws * steps_between_draws``."""
         return self.num_burnin + self.num_draws * self.steps_between_draws
 
+    def draw_at(self, step_index: int) -> int | None:
+        """Index of the draw taken at SGLD step ``step_index`` (before its update), or None
+        when that step's weights are not kept."""
+        offset = step_index - self.num_burnin
+        if offset < 0 or offset % self.steps_between_draws:
+            return None
+        return offset // self.steps_between_draws
+
     def estimate_settings(self) -> dict[str, Any]:
         """The fields that define the estimate (the rest only say how it is run): two
         results belong to one series exactly when these are equal."""

@@ -24,6 +24,7 @@ from susc_callback import (
 from susc_callback.components.component import resolve_components
 from susc_callback.sampler.divergence import DivergenceWatch
 from susc_callback.sampler.group import GroupLosses
+from susc_callback.sampler.prefix import PrefixReplay
 from susc_callback.sampler.sgld import chain_seed, make_generator
 
 
@@ -391,7 +392,9 @@ def test_prefix_replay_matches_full_forward(model_type, probe, sampling_ids, con
     model = _tiny_causal_lm(model_type)
     components = "heads,mlp,unembedding"
     replayed = _estimate(model, probe, sampling_ids, config, components=components)
-    monkeypatch.setattr("susc_callback.estimator.engine.block_list_path", lambda model: None)
+    real = PrefixReplay.frozen_blocks  # every parameter used before any block: no replay
+    monkeypatch.setattr(PrefixReplay, "frozen_blocks",
+                        lambda prefix, run: dict.fromkeys(real(prefix, run), 0))
     recomputed = _estimate(model, probe, sampling_ids, config, components=components)
     assert replayed.component_names == recomputed.component_names
     np.testing.assert_allclose(replayed.chi, recomputed.chi, rtol=1e-4, atol=1e-8)
@@ -717,6 +720,7 @@ def test_first_draw_at_the_checkpoint_is_evaluated_once(gpt2, probe, sampling_id
     """Without burn-in every chain's first draw is at w*: the probe is evaluated there once
     per estimate, not once per chain (chains run in prefix groups of depth 0 and 1)."""
     from susc_callback.sampler.group import GroupLosses
+from susc_callback.sampler.prefix import PrefixReplay
 
     calls = []  # one depth per chain evaluated
     real = GroupLosses.probe_losses

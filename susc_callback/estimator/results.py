@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.numpy import load_file, save_file
+
+from susc_callback.config import SGLDConfig
+from susc_callback.data.probes import ProbeSet
+from susc_callback.estimator.sums import DrawSums, susceptibilities
 
 _ARRAYS = ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces",
            "full_loss_trace", "token_sequence", "token_position", "probe_input_ids",
@@ -93,6 +98,44 @@ class SusceptibilityResult:
         return replace(self, component_names=list(names),
                        failed={n: r for n, r in self.failed.items() if n in names},
                        **{key: getattr(self, key)[rows] for key in _PER_COMPONENT})
+
+    @classmethod
+    def from_sums(cls, sums: dict[str, DrawSums], full: DrawSums, probe: ProbeSet,
+                  token_sequence: np.ndarray, token_position: np.ndarray,
+                  anchor: torch.Tensor | None, config: SGLDConfig, step: int | None,
+                  failed: dict[str, str]) -> SusceptibilityResult:
+        """The result of an estimate from its running sums: ``sums`` per component in row
+        order, ``full`` the full chain's; ``anchor`` the fixed ``L(w*)``, or None when
+        it varied per draw. Failed components get NaN rows."""
+        names = list(sums)
+        chi = np.full((len(names), len(token_sequence)), np.nan)
+        mean_phi = np.full(len(names), np.nan)
+        for row, name in enumerate(names):
+            if name not in failed:
+                chi[row] = susceptibilities(sums[name], full)
+                mean_phi[row] = sums[name].mean_phi()
+        datasets = probe.dataset_names
+        per_sequence = np.array([datasets.index(d) for d in probe.datasets])
+        token_dataset = per_sequence[token_sequence]
+        dataset_chi = np.stack([chi[:, token_dataset == d].mean(axis=1)
+                                for d in range(len(datasets))], axis=1)
+        ids = probe.input_ids
+        ids = ids.numpy() if ids is not None else np.zeros((len(probe), 0), np.int64)
+        mask = probe.attention_mask
+        mask = mask.numpy() if mask is not None else np.ones_like(ids)
+        return cls(
+            component_names=names, chi=chi, dataset_names=datasets, dataset_chi=dataset_chi,
+            rllc=config.n_beta * mean_phi, llc_full=config.n_beta * full.mean_phi(),
+            mean_phi=mean_phi,
+            anchor_loss=np.array([sums[n].mean_anchor() if anchor is None else float(anchor)
+                                  for n in names]),
+            loss_traces=np.stack([sums[n].loss_trace.cpu().numpy() for n in names]),
+            full_loss_trace=full.loss_trace.cpu().numpy(),
+            token_sequence=token_sequence.astype(np.int64),
+            token_position=token_position.astype(np.int64),
+            probe_input_ids=ids, probe_attention_mask=mask,
+            sequence_datasets=list(probe.datasets), config=config.to_dict(), step=step,
+            failed=dict(failed))
 
     def save(self, path: str | Path) -> Path:
         """Write ``arrays.safetensors`` and ``meta.json`` into directory ``path``.

@@ -8,6 +8,19 @@ WATCHED = ("observable loss", "probe token losses", "minibatch loss", "weights")
 """What is checked for non-finite values, in the order of :meth:`DivergenceWatch.record`."""
 
 
+class ChainDivergedError(RuntimeError):
+    """An SGLD chain produced a non-finite loss or weights."""
+
+    def __init__(self, component: str, chain: int, step: int, what: str) -> None:
+        self.component, self.chain, self.step, self.what = component, chain, step, what
+        super().__init__(
+            f"SGLD chain {chain} of component {component!r} diverged at step {step}: {what}. "
+            "Lower step_size or raise gamma (or lower n_beta) in SGLDConfig.")
+
+    def __reduce__(self):  # raised again in the parent when a chain worker hits it
+        return type(self), (self.component, self.chain, self.step, self.what)
+
+
 class DivergenceWatch:
     """Non-finite losses and weights of the chains of a group, flagged on the device.
 

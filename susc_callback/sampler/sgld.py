@@ -109,3 +109,13 @@ class RestrictedChain:
         restricted = [self._read(g, i) for g, i in zip(grads, self.indices)]
         sgld_update(self.state, restricted, self.anchors, step_size=step_size, n_beta=n_beta,
                     gamma=gamma, generator=self.generator)
+
+
+def restricted_chains(components: Sequence[ResolvedComponent], params: dict[str, nn.Parameter],
+                      seed: int, chain_index: int, device: torch.device
+                      ) -> list[RestrictedChain]:
+    """Chain ``chain_index`` of every component, each with its own noise generator seeded
+    by ``(seed, "noise", name, chain_index)``: a chain's draws do not depend on which other
+    components run beside it."""
+    return [RestrictedChain(c, params, make_generator(
+        device, chain_seed(seed, "noise", c.name, chain_index))) for c in components]

@@ -1,0 +1,95 @@
+"""When a prefix group's chains are stacked, and how many go into one batch.
+
+The planner decides once per group (:func:`decide_stacking`); the chain runner falls back
+to one chain at a time when a stacked step turns out to be unsupported
+(:func:`refuse_stacking`). Both evaluate stacked chains in parts of at most
+:class:`StackLimit` chains, a limit halved whenever a part runs out of device memory.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from susc_callback.components.component import ResolvedComponent
+from susc_callback.config import SGLDConfig
+from susc_callback.estimator.plan import FULL
+from susc_callback.sampler.group import GroupLosses
+from susc_callback.sampler.sgld import RestrictedChain
+from susc_callback.sampler.stacking import StackingUnsupported, stacking_blocker
+
+
+class StackLimit:
+    """Most chains stacked in one batch (``SGLDConfig.max_batched_chains`` at first)."""
+
+    def __init__(self, limit: int, device: torch.device) -> None:
+        self.limit, self.device = limit, device
+
+    def parts(self, chains: list[RestrictedChain],
+              evaluate: Callable[[list[RestrictedChain]], Any]) -> Iterator[tuple[list, Any]]:
+        """``(part, evaluate(part))`` for consecutive parts of at most ``limit`` chains, the
+        limit halved whenever a part runs out of device memory (evaluation changes no chain
+        state, so a retry is exact)."""
+        start = 0
+        while start < len(chains):
+            part = chains[start:start + self.limit]
+            try:
+                result = evaluate(part)
+            except torch.OutOfMemoryError:
+                if len(part) == 1:
+                    raise
+                self._halve(len(part))
+                continue
+            yield part, result
+            start += len(part)
+
+    def _halve(self, failed_size: int) -> None:
+        self.limit = failed_size // 2
+        warnings.warn(f"Out of memory with {failed_size} chains in one batch; continuing "
+                      f"with {self.limit}", RuntimeWarning, stacklevel=4)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def refuse_stacking(config: SGLDConfig, reason: str) -> None:
+    """A group's chains cannot be stacked: a clear error for ``batch_chains="on"``; with
+    ``"auto"`` the caller goes on one chain at a time (evaluation changes no chain state,
+    so switching is exact)."""
+    if config.batch_chains == "on":
+        raise ValueError(f"batch_chains='on', but this group's chains cannot be stacked: "
+                         f"{reason}. Use SGLDConfig(batch_chains='off') or 'auto'")
+
+
+def decide_stacking(model: nn.Module, members: list[ResolvedComponent],
+                    chains: list[RestrictedChain], group: GroupLosses, config: SGLDConfig,
+                    device: torch.device, limit: StackLimit) -> bool:
+    """Whether the restricted chains of a group (``chains``, at ``w*``) are stacked: asked
+    for by ``batch_chains``, worth it on this device, made of stackable modules, and
+    checked against one-at-a-time evaluation (every chain, in parts of ``limit``)."""
+    restricted = [c for c in members if c.name != FULL]
+    if config.batch_chains == "off" or not restricted:
+        return False
+    if config.batch_chains == "auto" and (len(restricted) < 2 or device.type == "cpu" and
+                                          len(restricted) * config.batch_size
+                                          > config.eval_batch_size):
+        # On a CPU stacking pays where it merges the group's minibatch passes into one of
+        # at most eval_batch_size rows; larger passes cost more in cache misses than the
+        # per-pass overhead they save.
+        return False
+    names = list(dict.fromkeys(name for c in restricted for name in c.entries))
+    blocker = stacking_blocker(model, names)
+    if blocker is not None:
+        refuse_stacking(config, f"only parameters of Linear, Conv1D and LayerNorm modules "
+                                f"can be stacked, and {blocker}")
+        return False
+    try:
+        for _ in limit.parts(chains, group.check_stacking):
+            pass
+    except StackingUnsupported as error:
+        refuse_stacking(config, str(error))
+        return False
+    return True
