@@ -13,34 +13,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from susc_callback.analysis.pca import STANDARDIZATIONS, compare_results
-from susc_callback.analysis.series import SnapshotSeries, check_same_settings, saved_steps, step_dir
-from susc_callback.config import SGLDConfig
+from susc_callback.config import CHOICES, SGLDConfig
 from susc_callback.data.probes import ProbeSet, probe_token_texts
 from susc_callback.estimator.engine import ChainDivergedError, estimate_susceptibilities
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.report import write_report
-from susc_callback.logging.tensorboard import (
-    TensorBoardLogger,
-    drop_events_after,
-    remove_projector,
-    snapshot_scalars,
+from susc_callback.logging.snapshots import SnapshotPublisher
+from susc_callback.store.files import is_result_folder
+from susc_callback.store.run import (
+    RESULTS_FOLDER,
+    RunStore,
+    check_same_probe,
+    check_same_settings,
+    find_checkpoints,
+    load_results,
 )
-
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-_SGLD_FLAGS = {"step_size": float, "n_beta": float, "gamma": float, "num_chains": int,
-               "num_draws": int, "num_burnin": int, "steps_between_draws": int,
-               "batch_size": int, "observable_sequences": int, "eval_batch_size": int,
-               "seed": int}
 
 
 class CommandError(Exception):
@@ -68,14 +65,13 @@ def analyze(args: argparse.Namespace) -> int:
     config = _config(args)
     components = args.components or "heads"
     probe_texts = probe_token_texts(probe, tokenizer)
-    results_dir = run_dir / "susceptibility"
+    store = RunStore.of_run(run_dir)
     failures = []
     for step, path in tqdm(checkpoints.items(), desc="checkpoints", unit="ckpt",
                            disable=not sys.stderr.isatty()):
-        target = step_dir(results_dir, step)
-        if target.is_dir() and (target / "meta.json").is_file() and not args.force:
-            _check_saved(target, config, components, probe)
-            print(f"step {step}: done already ({target})")
+        if store.has(step) and not args.force:
+            _check_saved(store, step, config, components, probe)
+            print(f"step {step}: done already ({store.step_dir(step)})")
             continue
         try:
             model = _load_model(path, tokenizer)
@@ -91,34 +87,18 @@ def analyze(args: argparse.Namespace) -> int:
             raise CommandError(f"{path}: {error}") from error
         result.extra.update(checkpoint=str(path), components=components,
                             probe_tokens=probe_texts)
-        result.save(target)
-        print(f"step {step}: saved {target}")
-    _write_tensorboard(results_dir, Path(args.log_dir) if args.log_dir else
-                       run_dir / "runs" / "susceptibility", args.n_pcs, args.standardization)
+        print(f"step {step}: saved {store.save(result)}")
+    log_dir = Path(args.log_dir) if args.log_dir else run_dir / "runs" / RESULTS_FOLDER
+    publisher = SnapshotPublisher(store, log_dir, args.n_pcs, args.standardization)
+    try:
+        publisher.rebuild()
+    finally:
+        publisher.close()
+    print(f"TensorBoard: tensorboard --logdir {log_dir}")
     if failures:
         print("failed checkpoints:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
-
-
-def find_checkpoints(run_dir: Path, explicit: list[str] | None) -> dict[int, Path]:
-    """``{step: checkpoint folder}`` in step order, from ``checkpoint-*`` or a given list."""
-    if explicit:
-        found = {}
-        for name in explicit:
-            path = Path(name) if Path(name).is_dir() else run_dir / name
-            if not path.is_dir():
-                raise CommandError(f"checkpoint {name} not found (looked in {path})")
-            found[_checkpoint_step(path)] = path
-        return dict(sorted(found.items()))
-    if not run_dir.is_dir():
-        raise CommandError(f"run directory {run_dir} does not exist")
-    found = {int(m.group(1)): p for p in run_dir.iterdir()
-             if p.is_dir() and (m := _CHECKPOINT.match(p.name))}
-    if not found:
-        raise CommandError(f"no checkpoints found: looked for checkpoint-<step> folders in "
-                           f"{run_dir.resolve()}; pass --checkpoints to name them")
-    return dict(sorted(found.items()))
 
 
 def read_sequences(path: str, tokenizer: object | None, max_length: int | None,
@@ -162,17 +142,6 @@ def read_sequences(path: str, tokenizer: object | None, max_length: int | None,
     return ProbeSet.from_tensors(ids, mask, datasets)
 
 
-def _checkpoint_step(path: Path) -> int:
-    match = _CHECKPOINT.match(path.name)
-    if match:
-        return int(match.group(1))
-    state = path / "trainer_state.json"
-    if state.is_file():
-        return int(json.loads(state.read_text())["global_step"])
-    raise CommandError(f"cannot tell the training step of {path}: name it checkpoint-<step> "
-                       "or keep its trainer_state.json")
-
-
 def _load_tokenizer(name: str | None, run_dir: Path, checkpoints: dict[int, Path]) -> object:
     from transformers import AutoTokenizer
 
@@ -202,39 +171,21 @@ def _load_model(path: Path, tokenizer: object | None) -> torch.nn.Module:
 
 def _config(args: argparse.Namespace) -> SGLDConfig:
     values = json.loads(Path(args.config).read_text()) if args.config else {}
-    values.update({k: getattr(args, k) for k in _SGLD_FLAGS if getattr(args, k) is not None})
+    values.update({name: getattr(args, name) for name in _config_flags()
+                   if getattr(args, name) is not None})
     values["progress"] = False if args.no_progress else None
     values.setdefault("on_divergence", "mark")  # a diverged head is saved as failed
-    if args.device:
-        values["device"] = args.device
     return SGLDConfig.from_dict(values)
 
 
-def _check_saved(target: Path, config: SGLDConfig, components: str, probe: ProbeSet) -> None:
-    saved = SusceptibilityResult.load(target)
-    check_same_settings(saved, config, saved.component_names, target)
+def _check_saved(store: RunStore, step: int, config: SGLDConfig, components: str,
+                 probe: ProbeSet) -> None:
+    saved, path = store.load(step), store.step_dir(step)
+    check_same_settings(saved, config, saved.component_names, path)
     if saved.extra.get("components") not in (None, components):
-        raise CommandError(f"{target} holds components {saved.extra['components']!r}, not "
+        raise CommandError(f"{path} holds components {saved.extra['components']!r}, not "
                            f"{components!r}; use --force to recompute the series")
-    if not np.array_equal(saved.probe_input_ids, probe.input_ids.numpy()):
-        raise CommandError(f"{target} was computed on another probe set; use --force to "
-                           "recompute the series")
-
-
-def _write_tensorboard(results_dir: Path, log_dir: Path, n_pcs: int,
-                       standardization: str) -> None:
-    """Rebuild the analysis's TensorBoard run from every saved result (idempotent)."""
-    drop_events_after(log_dir, None)
-    remove_projector(log_dir)
-    logger, series = TensorBoardLogger(log_dir), SnapshotSeries(n_pcs, standardization)
-    try:
-        for path in saved_steps(results_dir).values():
-            result = SusceptibilityResult.load(path)
-            pca = series.add(result)
-            logger.log_snapshot(result, pca, series, snapshot_scalars(result, pca))
-    finally:
-        logger.close()
-    print(f"TensorBoard: tensorboard --logdir {log_dir}")
+    check_same_probe(saved, probe.input_ids.numpy(), path)
 
 
 # -- report and compare ----------------------------------------------------------------------
@@ -242,9 +193,9 @@ def _write_tensorboard(results_dir: Path, log_dir: Path, n_pcs: int,
 def report(args: argparse.Namespace) -> int:
     source = Path(args.path)
     results = load_results(source)
-    out = Path(args.out) if args.out else (source / "report" if (source / "susceptibility")
-                                           .is_dir() or not (source / "meta.json").is_file()
-                                           else source.parent / f"{source.name}-report")
+    out = Path(args.out) if args.out else (
+        source.parent / f"{source.name}-report" if is_result_folder(source)
+        else source / "report")
     tokenizer = None
     if args.tokenizer:
         tokenizer = _load_tokenizer(args.tokenizer, source, {})
@@ -253,20 +204,6 @@ def report(args: argparse.Namespace) -> int:
                         title=f"Susceptibilities: {source.resolve().name}")
     print(f"report: {path}")
     return 0
-
-
-def load_results(source: Path) -> list[SusceptibilityResult]:
-    """One saved result, or every snapshot of a run (``RUN/susceptibility/step-*``) or of a
-    results folder (``.../susceptibility``)."""
-    for single in (source, source / "susceptibility"):  # a result, or a checkpoint's copy
-        if (single / "meta.json").is_file():
-            return [SusceptibilityResult.load(single)]
-    for root in (source / "susceptibility", source):
-        steps = saved_steps(root)
-        if steps:
-            return [SusceptibilityResult.load(p) for p in steps.values()]
-    raise CommandError(f"no saved results in {source} (looked for meta.json, "
-                       f"{source / 'susceptibility'}/step-* and {source}/step-*)")
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -300,10 +237,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--components", default=None, help="preset(s), e.g. heads,mlp "
                      "(default: every attention head)")
     run.add_argument("--config", help="JSON file of SGLDConfig fields")
-    for name, kind in _SGLD_FLAGS.items():
-        run.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
-                         help=f"SGLDConfig.{name}")
-    run.add_argument("--device", help="e.g. cuda or cpu (default: the model's)")
+    for name, options in _config_flags().items():
+        run.add_argument(f"--{name.replace('_', '-')}", default=None, **options)
     run.add_argument("--force", action="store_true", help="recompute finished checkpoints")
     run.add_argument("--keep-going", action="store_true",
                      help="skip unreadable checkpoints instead of stopping")
@@ -325,6 +260,40 @@ def _parser() -> argparse.ArgumentParser:
     pair.add_argument("b")
     pair.set_defaults(handler=compare)
     return parser
+
+
+def _config_flags() -> dict[str, dict]:
+    """``add_argument`` options of a flag per ``SGLDConfig`` field (``progress`` is
+    ``--no-progress``): the field's type or choices, and its help text."""
+    hints = get_type_hints(SGLDConfig)
+    flags = {}
+    for name, help_text in SGLDConfig.field_help().items():
+        if name == "progress":
+            continue
+        options: dict = {"help": help_text.replace("%", "%%")}
+        kinds = [kind for kind in get_args(hints[name]) if kind is not type(None)]
+        kind = kinds[0] if kinds else hints[name]
+        if name in CHOICES:
+            options["choices"] = CHOICES[name]
+        elif len(kinds) > 1:  # int | Literal["auto"]
+            options["type"] = _int_or(*get_args(kinds[1]))
+        else:
+            options["type"] = kind
+        flags[name] = options
+    return flags
+
+
+def _int_or(*words: str) -> Callable[[str], int | str]:
+    """An argparse type: an integer, or one of ``words``."""
+    def parse(text: str) -> int | str:
+        if text in words:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer or one of {', '.join(words)}, got {text!r}") from None
+    return parse
 
 
 def _positive_int(text: str) -> int:

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from susc_callback import ProbeSet, Schedule, SGLDConfig, SusceptibilityResult
-from susc_callback.analysis.series import saved_steps
+from susc_callback.store.run import RunStore
 from susc_callback.callback.trainer_callback import SusceptibilityCallback
 
 DROPOUT = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
@@ -51,8 +51,12 @@ def make_trainer(output_dir: Path, callbacks: list, max_steps: int = 6, save_ste
         use_cpu=device == "cpu",
         disable_tqdm=True, save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500, dataloader_num_workers=0)
-    return Trainer(model=tiny_gpt2(0, **DROPOUT), args=args, train_dataset=TokenDataset(),
-                   data_collator=default_data_collator, callbacks=callbacks)
+    trainer = Trainer(model=tiny_gpt2(0, **DROPOUT), args=args, train_dataset=TokenDataset(),
+                      data_collator=default_data_collator, callbacks=callbacks)
+    for callback in callbacks:
+        if isinstance(callback, SusceptibilityCallback):
+            callback.bind(trainer)
+    return trainer
 
 
 def make_callback(probe: ProbeSet, log_dir: Path | None = None,
@@ -86,7 +90,7 @@ def test_training_is_bitwise_unchanged_by_snapshots(tmp_path, probe, device, wor
                            device=device)
     watched.train()
 
-    assert sorted(saved_steps(tmp_path / "watched" / "susceptibility")) == [2, 4, 6]
+    assert sorted(RunStore.of_run(tmp_path / "watched").saved_steps()) == [2, 4, 6]
     for (name, a), b in zip(plain.model.state_dict().items(), watched.model.state_dict().values()):
         assert torch.equal(a, b), name
     state_a, state_b = plain.optimizer.state_dict(), watched.optimizer.state_dict()
@@ -132,7 +136,7 @@ def test_checkpoint_steps_get_a_copy_of_the_result(tmp_path, probe):
                              schedule=Schedule(on_save=True, at_end=True))
     make_trainer(tmp_path / "out", [callback], max_steps=5, save_steps=2).train()
     root = tmp_path / "out"
-    assert sorted(saved_steps(root / "susceptibility")) == [2, 4, 5]
+    assert sorted(RunStore.of_run(root).saved_steps()) == [2, 4, 5]
     for step in (2, 4):
         copy = SusceptibilityResult.load(root / f"checkpoint-{step}" / "susceptibility")
         original = SusceptibilityResult.load(root / "susceptibility" / f"step-{step}")
@@ -159,7 +163,7 @@ def test_resume_continues_the_schedule_without_recomputing(tmp_path, probe, monk
         make_trainer(out, [make_callback(probe, log_dir)], max_steps=8, save_steps=4).train(
             resume_from_checkpoint=str(out / "checkpoint-4"))
     assert computed == [6, 8]
-    assert sorted(saved_steps(out / "susceptibility")) == [2, 4, 6, 8]
+    assert sorted(RunStore.of_run(out).saved_steps()) == [2, 4, 6, 8]
     assert scalar_steps(log_dir, "susceptibility/a/l0h0") == [2, 4, 6, 8]
     assert scalar_steps(log_dir, "pc1_loading/l0h0") == [2, 4, 6, 8]
 
@@ -171,7 +175,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, probe):
     with pytest.raises(ValueError, match="other components or SGLD settings"):
         make_trainer(out, [changed], max_steps=4, save_steps=2).train(
             resume_from_checkpoint=str(out / "checkpoint-2"))
-    assert sorted(saved_steps(out / "susceptibility")) == [2, 4]  # a refusal changes nothing
+    assert sorted(RunStore.of_run(out).saved_steps()) == [2, 4]  # a refusal changes nothing
 
 
 def test_a_diverging_component_is_marked_and_training_goes_on(tmp_path, probe):
@@ -288,7 +292,7 @@ def test_two_process_ddp_matches_a_single_process_estimate(tmp_path, probe):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    assert sorted(saved_steps(tmp_path / "susceptibility")) == [2, 4]
+    assert sorted(RunStore.of_run(tmp_path).saved_steps()) == [2, 4]
     merged = SusceptibilityResult.load(tmp_path / "susceptibility" / "step-4")
     model = GPT2LMHeadModel.from_pretrained(tmp_path / "checkpoint-4")
     single = estimate_susceptibilities(model, "heads", TokenDataset(), probe,
@@ -354,14 +358,16 @@ def test_a_random_collator_does_not_move_the_global_rng(tmp_path, probe):
 def test_sharded_training_is_recognised():
     from types import SimpleNamespace as Fake
 
-    from susc_callback.callback.trainer_callback import _shards_parameters
+    from susc_callback.callback.trainer_context import shards_parameters
 
     def deepspeed(stage):
         plugin = Fake(zero_stage=stage)
         return Fake(is_fsdp_enabled=False, is_deepspeed_enabled=True,
                     accelerator=Fake(state=Fake(deepspeed_plugin=plugin)))
 
-    assert _shards_parameters(Fake(is_fsdp_enabled=True, accelerator=Fake()))
-    assert _shards_parameters(deepspeed(3))
-    assert not _shards_parameters(deepspeed(2))
-    assert not _shards_parameters(None)
+    plain = Fake(fsdp=None)
+    assert shards_parameters(Fake(is_fsdp_enabled=True, accelerator=Fake()), plain)
+    assert shards_parameters(deepspeed(3), plain)
+    assert not shards_parameters(deepspeed(2), plain)
+    assert not shards_parameters(None, plain)
+    assert shards_parameters(None, Fake(fsdp="full_shard"))  # unbound: from the arguments

@@ -14,7 +14,7 @@ from conftest import CONTEXT, VOCAB, tiny_gpt2
 
 import susc_callback.cli as cli
 from susc_callback import SusceptibilityResult, standardize
-from susc_callback.analysis.series import saved_steps
+from susc_callback.store.run import RunStore
 
 SGLD = ["--num-chains", "1", "--num-draws", "3", "--batch-size", "4",
         "--observable-sequences", "4", "--eval-batch-size", "8", "--n-beta", "10",
@@ -67,7 +67,7 @@ def test_interrupted_analysis_resumes_to_the_uninterrupted_result(run, tmp_path,
     monkeypatch.setattr(cli, "estimate_susceptibilities", interrupted_after_one)
     with pytest.raises(KeyboardInterrupt):
         analyze(run)
-    assert sorted(saved_steps(run / "susceptibility")) == [10]
+    assert sorted(RunStore.of_run(run).saved_steps()) == [10]
 
     calls.clear()
     monkeypatch.setattr(cli, "estimate_susceptibilities", lambda *a, **k: (
@@ -159,7 +159,7 @@ def test_clear_errors(run, tmp_path, capsys):
     assert analyze(run) == 2
     assert "checkpoint-15 is unreadable" in capsys.readouterr().err
     assert analyze(run, "--keep-going") == 1
-    assert sorted(saved_steps(run / "susceptibility")) == [10, 20, 30]
+    assert sorted(RunStore.of_run(run).saved_steps()) == [10, 20, 30]
     assert "checkpoint-15" in capsys.readouterr().err
 
     long_probe = tmp_path / "long.jsonl"

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
 from susc_callback.estimator.sums import DrawSums, susceptibilities
+from susc_callback.store.files import read_folder, write_folder
 
 _ARRAYS = ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces",
            "full_loss_trace", "token_sequence", "token_position", "probe_input_ids",
@@ -138,38 +136,20 @@ class SusceptibilityResult:
             failed=dict(failed))
 
     def save(self, path: str | Path) -> Path:
-        """Write ``arrays.safetensors`` and ``meta.json`` into directory ``path``.
-
-        Written into a sibling folder first and renamed at the end, so an interrupted save
-        never leaves a half-written result (a previous result at ``path`` is replaced).
-        """
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        save_file({name: np.ascontiguousarray(getattr(self, name)) for name in _ARRAYS},
-                  str(partial / "arrays.safetensors"))
+        """Write the result into folder ``path`` (safetensors arrays + JSON metadata),
+        atomically: an interrupted save never leaves a half-written result."""
         meta = {"format_version": _FORMAT_VERSION, "component_names": self.component_names,
                 "dataset_names": self.dataset_names, "sequence_datasets": self.sequence_datasets,
                 "llc_full": self.llc_full, "config": self.config, "step": self.step,
                 "failed": self.failed, "extra": self.extra}
-        (partial / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=True))
-        if path.exists():
-            shutil.rmtree(path)
-        partial.rename(path)
-        return path
+        return write_folder(path, {name: getattr(self, name) for name in _ARRAYS}, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> SusceptibilityResult:
         """Read a result written by :meth:`save`."""
-        path = Path(path)
-        if not (path / "meta.json").is_file() or not (path / "arrays.safetensors").is_file():
-            raise FileNotFoundError(f"{path} is not a saved SusceptibilityResult "
-                                    "(expected meta.json and arrays.safetensors)")
-        meta = json.loads((path / "meta.json").read_text())
+        arrays, meta = read_folder(path)
         if meta.get("format_version") != _FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported result format {meta.get('format_version')!r}")
-        arrays = load_file(str(path / "arrays.safetensors"))
         meta.pop("format_version")
         return cls(**meta, **arrays)
 

@@ -1,0 +1,165 @@
+"""The layout of a run on disk, and the only module that knows it.
+
+::
+
+    RUN/                         the Trainer's output_dir (or any folder of checkpoints)
+      checkpoint-{N}/            a training checkpoint (Trainer layout)
+        susceptibility/          a copy of the result of step N, when N was a snapshot
+      susceptibility/            the run's results: a RunStore
+        step-{N}/                one result (:mod:`susc_callback.store.files`)
+        orphaned/{time}/step-{N} results set aside on resume (after the resumed step)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from susc_callback.config import SGLDConfig
+from susc_callback.estimator.results import SusceptibilityResult
+from susc_callback.store.files import is_result_folder
+
+RESULTS_FOLDER = "susceptibility"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+class RunStore:
+    """The results of one run, one folder per training step, under ``root``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def of_run(cls, run_dir: str | Path) -> RunStore:
+        """The store of the run in ``run_dir`` (``run_dir/susceptibility``)."""
+        return cls(Path(run_dir) / RESULTS_FOLDER)
+
+    def step_dir(self, step: int) -> Path:
+        """Where the result of ``step`` lives."""
+        return self.root / f"step-{step}"
+
+    def saved_steps(self) -> dict[int, Path]:
+        """``{step: folder}`` of the complete saved results, in step order."""
+        found = {}
+        if self.root.is_dir():
+            for path in self.root.iterdir():
+                match = _STEP_DIR.match(path.name)
+                if match and is_result_folder(path):
+                    found[int(match.group(1))] = path
+        return dict(sorted(found.items()))
+
+    def has(self, step: int) -> bool:
+        return is_result_folder(self.step_dir(step))
+
+    def save(self, result: SusceptibilityResult) -> Path:
+        """Write ``result`` at its step (replacing what was there), atomically."""
+        if result.step is None:
+            raise ValueError("A result needs its training step to be stored in a run")
+        return result.save(self.step_dir(result.step))
+
+    def load(self, step: int) -> SusceptibilityResult:
+        return SusceptibilityResult.load(self.step_dir(step))
+
+    def load_all(self, up_to: int | None = None) -> list[SusceptibilityResult]:
+        """Every saved result in step order (those at steps <= ``up_to``)."""
+        return [SusceptibilityResult.load(path) for step, path in self.saved_steps().items()
+                if up_to is None or step <= up_to]
+
+    def set_aside(self, steps: list[int]) -> Path:
+        """Move the results of ``steps`` to ``orphaned/{time}`` (kept, out of the series);
+        returns that folder."""
+        target = self.root / "orphaned" / time.strftime("%Y%m%d-%H%M%S")
+        target.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            shutil.move(str(self.step_dir(step)), str(target / f"step-{step}"))
+        return target
+
+    def copy_into_checkpoint(self, step: int, output_dir: str | Path) -> None:
+        """Copy the result of ``step`` into ``output_dir/checkpoint-{step}``, if both exist,
+        so that a checkpoint carries its own susceptibilities."""
+        source, checkpoint = self.step_dir(step), checkpoint_dir(output_dir, step)
+        if source.is_dir() and checkpoint.is_dir():
+            shutil.copytree(source, checkpoint / RESULTS_FOLDER, dirs_exist_ok=True)
+
+
+def check_same_settings(result: SusceptibilityResult, config: SGLDConfig,
+                        components: list[str], path: str | Path) -> None:
+    """Refuse to mix, in one series, a saved result computed with other components or with
+    other values of the fields that define the estimate (``SGLDConfig.estimate_settings``;
+    fields that only say how it is run, e.g. ``workers``, may differ)."""
+    wanted = config.estimate_settings()
+    saved = {name: result.config.get(name) for name in wanted}
+    if saved != wanted or list(result.component_names) != list(components):
+        raise ValueError(f"The saved snapshot {path} was computed with other components or SGLD "
+                         "settings than this run's; use the same settings, or write to a new "
+                         "output directory (or overwrite with --force in the CLI)")
+
+
+def check_same_probe(result: SusceptibilityResult, probe_input_ids: np.ndarray,
+                     path: str | Path) -> None:
+    """Refuse to mix results computed on another probe set."""
+    if not np.array_equal(result.probe_input_ids, probe_input_ids):
+        raise ValueError(f"{path} was computed on another probe set; use --force to "
+                         "recompute the series")
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """The Trainer's folder of the checkpoint at ``step``."""
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def find_checkpoints(run_dir: str | Path, explicit: list[str] | None = None) -> dict[int, Path]:
+    """``{step: checkpoint folder}`` in step order: the ``checkpoint-{N}`` folders of
+    ``run_dir``, or the folders ``explicit`` names (paths, or names inside ``run_dir``)."""
+    run_dir = Path(run_dir)
+    if explicit:
+        found = {}
+        for name in explicit:
+            path = Path(name) if Path(name).is_dir() else run_dir / name
+            if not path.is_dir():
+                raise FileNotFoundError(f"checkpoint {name} not found (looked in {path})")
+            found[checkpoint_step(path)] = path
+        return dict(sorted(found.items()))
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    found = {int(m.group(1)): p for p in run_dir.iterdir()
+             if p.is_dir() and (m := _CHECKPOINT_DIR.match(p.name))}
+    if not found:
+        raise FileNotFoundError(f"no checkpoints found: looked for checkpoint-<step> folders "
+                                f"in {run_dir.resolve()}; pass --checkpoints to name them")
+    return dict(sorted(found.items()))
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The training step of a checkpoint folder: from its name, else its trainer state."""
+    path = Path(path)
+    match = _CHECKPOINT_DIR.match(path.name)
+    if match:
+        return int(match.group(1))
+    state = path / "trainer_state.json"
+    if state.is_file():
+        return int(json.loads(state.read_text())["global_step"])
+    raise ValueError(f"cannot tell the training step of {path}: name it checkpoint-<step> "
+                     "or keep its trainer_state.json")
+
+
+def load_results(source: str | Path) -> list[SusceptibilityResult]:
+    """One saved result, or every result of a run (``RUN/susceptibility/step-*``) or of a
+    store (``.../susceptibility``), in step order."""
+    source = Path(source)
+    for single in (source, source / RESULTS_FOLDER):  # a result, or a checkpoint's copy
+        if is_result_folder(single):
+            return [SusceptibilityResult.load(single)]
+    for store in (RunStore.of_run(source), RunStore(source)):
+        results = store.load_all()
+        if results:
+            return results
+    raise FileNotFoundError(f"no saved results in {source} (looked for a result folder, "
+                            f"{source / RESULTS_FOLDER}/step-* and {source}/step-*)")
+
