@@ -44,7 +44,8 @@ def snapshot_config(**changes) -> SGLDConfig:
 
 
 def make_trainer(output_dir: Path, callbacks: list, max_steps: int = 6, save_steps: int = 0,
-                 report_to: str = "tensorboard", device: str = "cpu") -> Trainer:
+                 report_to: str = "tensorboard", device: str = "cpu",
+                 bind: bool = True) -> Trainer:
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4,
         learning_rate=1e-3, logging_steps=1, report_to=report_to, seed=0,
@@ -54,7 +55,7 @@ def make_trainer(output_dir: Path, callbacks: list, max_steps: int = 6, save_ste
     trainer = Trainer(model=tiny_gpt2(0, **DROPOUT), args=args, train_dataset=TokenDataset(),
                       data_collator=default_data_collator, callbacks=callbacks)
     for callback in callbacks:
-        if isinstance(callback, SusceptibilityCallback):
+        if bind and isinstance(callback, SusceptibilityCallback):
             callback.bind(trainer)
     return trainer
 
@@ -332,6 +333,28 @@ def test_other_reporters_get_the_scalars_and_keep_their_loss_logs(tmp_path, prob
     assert [step for step, logs in recorder.logs if "loss" in logs] == [1, 2, 3, 4, 5, 6]
     # TensorBoard reporting is off: the callback writes to output_dir/runs/<date_host> itself
     assert len(list((tmp_path / "out" / "runs").glob("*/events.out.tfevents.*"))) == 1
+
+
+def test_folders_before_training_and_an_unbound_callback(tmp_path, probe, monkeypatch):
+    """The folders are known from the arguments before training, else once it begins; a
+    callback that is not bound to its Trainer writes a TensorBoard run of its own."""
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    named = make_callback(probe, tmp_path / "tb", output_dir=tmp_path / "results")
+    assert named.results_dir == tmp_path / "results" / "susceptibility"
+    assert named.tensorboard_dir == tmp_path / "tb"
+    unbound = make_callback(probe)
+    assert unbound.results_dir is None and unbound.tensorboard_dir is None
+    trainer = make_trainer(tmp_path / "out", [unbound], max_steps=2, bind=False)
+    trainer.train()
+    assert unbound.results_dir == tmp_path / "out" / "susceptibility"
+    assert unbound.tensorboard_dir == tmp_path / "out" / "runs" / "susceptibility"
+    assert list(unbound.tensorboard_dir.glob("events.out.tfevents.*"))
+    assert [e["step"] for e in trainer.state.log_history if "llc/full" in e] == [2]
+    with pytest.raises(TypeError, match="needs a transformers Trainer"):
+        unbound.bind(object())
+    bound = make_callback(probe).bind(trainer)
+    assert bound.bind(trainer) is bound
+    assert trainer.callback_handler.callbacks.count(bound) == 1
 
 
 def test_a_random_collator_does_not_move_the_global_rng(tmp_path, probe):

@@ -90,6 +90,24 @@ def test_analysis_refuses_to_mix_settings_unless_forced(run, capsys):
     assert analyze(run, "--checkpoints", "checkpoint-10", "--step-size", "2e-3", "--force") == 0
 
 
+def test_run_only_settings_may_change_between_runs(run, capsys):
+    """workers, batch_chains, ... say how an estimate is run, not what it is: a finished
+    checkpoint is kept when only they change (every SGLDConfig field is a flag)."""
+    assert analyze(run, "--checkpoints", "checkpoint-10", "--workers", "1") == 0
+    saved = SusceptibilityResult.load(run / "susceptibility" / "step-10").config
+    assert saved["workers"] == 1 and saved["on_divergence"] == "mark"
+    capsys.readouterr()
+    assert analyze(run, "--checkpoints", "checkpoint-10", "--workers", "auto",
+                   "--batch-chains", "off", "--max-batched-chains", "2") == 0
+    assert "step 10: done already" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        analyze(run, "--workers", "many")
+    assert "must be an integer or one of auto, got 'many'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        analyze(run, "--anchor", "middle")
+    assert "invalid choice: 'middle'" in capsys.readouterr().err
+
+
 class Spans(HTMLParser):
     """Collects (component block, token index, value, background) of the token view."""
 
