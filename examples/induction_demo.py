@@ -37,8 +37,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from susc_callback import ProbeSet, Schedule, SGLDConfig, SusceptibilityCallback
-from susc_callback.cli import load_results
 from susc_callback.logging.report import write_report
+from susc_callback.store.run import load_results
 
 CONTEXT, VOCAB_SIZE, THRESHOLD = 64, 512, 0.3
 SCOPES = ("whole_model", "layer0", "layer1", "layer0_spectroscopy", "layer1_spectroscopy")
@@ -189,6 +189,7 @@ def main() -> None:
     trainer = Trainer(model=model, args=training, train_dataset=LanguageModelingData(train),
                       data_collator=default_data_collator, processing_class=tokenizer,
                       callbacks=[susceptibility, heads])
+    susceptibility.bind(trainer)  # writes beside the Trainer's loss, reports to its loggers
     trainer.train()
 
     results = load_results(out)

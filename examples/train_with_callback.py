@@ -56,8 +56,8 @@ def main() -> None:
         learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=20,
         save_strategy="steps", save_steps=args.steps // 2, report_to="tensorboard",
         use_cpu=True, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=training, train_dataset=LanguageModelingData(train_ids),
-                      callbacks=[callback])
+    trainer = Trainer(model=model, args=training, train_dataset=LanguageModelingData(train_ids))
+    callback.bind(trainer)  # adds it, and writes into the TensorBoard run of the loss
     output = trainer.train()
 
     history = trainer.state.log_history
