@@ -720,7 +720,6 @@ def test_first_draw_at_the_checkpoint_is_evaluated_once(gpt2, probe, sampling_id
     """Without burn-in every chain's first draw is at w*: the probe is evaluated there once
     per estimate, not once per chain (chains run in prefix groups of depth 0 and 1)."""
     from susc_callback.sampler.group import GroupLosses
-from susc_callback.sampler.prefix import PrefixReplay
 
     calls = []  # one depth per chain evaluated
     real = GroupLosses.probe_losses
