@@ -31,10 +31,10 @@ from susc_callback.logging.report import write_report
 from susc_callback.logging.snapshots import SnapshotPublisher
 from susc_callback.store.files import is_result_folder
 from susc_callback.store.run import (
-    RESULTS_FOLDER,
     RunStore,
     check_same_probe,
     check_same_settings,
+    default_log_dir,
     find_checkpoints,
     load_results,
 )
@@ -88,7 +88,7 @@ def analyze(args: argparse.Namespace) -> int:
         result.extra.update(checkpoint=str(path), components=components,
                             probe_tokens=probe_texts)
         print(f"step {step}: saved {store.save(result)}")
-    log_dir = Path(args.log_dir) if args.log_dir else run_dir / "runs" / RESULTS_FOLDER
+    log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(run_dir)
     publisher = SnapshotPublisher(store, log_dir, args.n_pcs, args.standardization)
     try:
         publisher.rebuild()

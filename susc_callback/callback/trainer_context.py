@@ -17,6 +17,7 @@ from torch.utils.data import IterableDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from susc_callback.data.sampling import SamplingData
+from susc_callback.store.run import default_log_dir
 
 
 def shards_parameters(trainer: Trainer | None, args: TrainingArguments) -> bool:
@@ -47,7 +48,7 @@ def tensorboard_dir(trainer: Trainer | None, args: TrainingArguments,
     if configured:
         return Path(os.path.expanduser(configured))
     if trainer is None:
-        return Path(args.output_dir) / "runs" / "susceptibility"
+        return default_log_dir(args.output_dir)
     from transformers.integrations.integration_utils import default_logdir
     return Path(args.output_dir) / default_logdir()
 

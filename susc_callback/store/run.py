@@ -5,6 +5,7 @@
     RUN/                         the Trainer's output_dir (or any folder of checkpoints)
       checkpoint-{N}/            a training checkpoint (Trainer layout)
         susceptibility/          a copy of the result of step N, when N was a snapshot
+      runs/susceptibility/       the TensorBoard run where no Trainer names one
       susceptibility/            the run's results: a RunStore
         step-{N}/                one result (:mod:`susc_callback.store.files`)
         orphaned/{time}/step-{N} results set aside on resume (after the resumed step)
@@ -107,6 +108,12 @@ def check_same_probe(result: SusceptibilityResult, probe_input_ids: np.ndarray,
     if not np.array_equal(result.probe_input_ids, probe_input_ids):
         raise ValueError(f"{path} was computed on another probe set; use --force to "
                          "recompute the series")
+
+
+def default_log_dir(run_dir: str | Path) -> Path:
+    """The TensorBoard run of ``run_dir``'s susceptibilities when no Trainer names one
+    (``susc analyze``, a callback not bound to its Trainer)."""
+    return Path(run_dir) / "runs" / RESULTS_FOLDER
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
