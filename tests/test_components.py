@@ -36,11 +36,8 @@ from transformers import (
 )
 
 from susc_callback.components.architectures import head_components, layer_components
-from susc_callback.components.component import (
-    Component,
-    canonical_parameter_names,
-    resolve_components,
-)
+from susc_callback.components.component import Component, canonical_parameter_names
+from susc_callback.components.resolve import resolve_components
 
 LAYERS, HEADS, HIDDEN, VOCAB = 2, 4, 32, 61
 EAGER = {"attn_implementation": "eager"}

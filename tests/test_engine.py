@@ -21,7 +21,7 @@ from susc_callback import (
     estimate_susceptibilities,
     head_components,
 )
-from susc_callback.components.component import resolve_components
+from susc_callback.components.resolve import resolve_components
 from susc_callback.sampler.divergence import DivergenceWatch
 from susc_callback.sampler.group import GroupLosses
 from susc_callback.sampler.prefix import PrefixReplay

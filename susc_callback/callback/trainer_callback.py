@@ -28,7 +28,8 @@ from transformers.utils import logging
 from susc_callback.analysis.pca import STANDARDIZATIONS, Standardization
 from susc_callback.callback import distributed, trainer_context
 from susc_callback.callback.schedule import Schedule
-from susc_callback.components.component import Component, as_components
+from susc_callback.components.component import Component
+from susc_callback.components.resolve import as_components
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet, probe_token_texts
 from susc_callback.data.sampling import LossFn, SamplingData

@@ -7,8 +7,7 @@ component stays frozen at ``w*`` while that component's chains run.
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -45,66 +44,6 @@ class ResolvedComponent:
     allow_overlap: bool
 
 
-def as_components(model: nn.Module, spec: object = None) -> list[Component]:
-    """Turn any accepted component specification into a list of :class:`Component`.
-
-    Accepted: ``None`` (every attention head), a preset name or comma-separated list of
-    presets (``"heads"``, ``"attention"``, ``"mlp"``, ``"layers"``, ``"embedding"``,
-    ``"unembedding"``), a :class:`Component`, a sequence of them, or a mapping
-    ``{name: {parameter name: mask or None}}``.
-    """
-    from susc_callback.components.architectures import preset_components
-
-    if spec is None:
-        return preset_components(model, "heads")
-    if isinstance(spec, str):
-        presets = [part.strip() for part in spec.split(",") if part.strip()]
-        if not presets:
-            raise ValueError("Empty component preset string; valid presets: heads, attention, "
-                             "mlp, layers, embedding, unembedding")
-        return [c for preset in presets for c in preset_components(model, preset)]
-    if isinstance(spec, Component):
-        return [spec]
-    if isinstance(spec, Mapping):
-        components = []
-        for name, masks in spec.items():
-            if not isinstance(masks, Mapping):
-                raise TypeError(f"Component {name!r}: expected {{parameter name: mask or None}}, "
-                                f"got {type(masks).__name__}")
-            components.append(Component(str(name), dict(masks)))
-        return components
-    if isinstance(spec, Sequence) and all(isinstance(c, Component) for c in spec):
-        return list(spec)
-    raise TypeError(f"Cannot interpret components of type {type(spec).__name__}: pass None, a "
-                    "preset name, a Component, a list of Components or "
-                    "{name: {parameter name: mask or None}}")
-
-
-def resolve_components(model: nn.Module, spec: object = None) -> list[ResolvedComponent]:
-    """Validate components against ``model``; raise ``ValueError`` naming what is wrong.
-
-    Checks: unique names, known parameter names (aliases of tied parameters are mapped to
-    the canonical name), boolean masks of the parameter's shape, no empty component, and no
-    overlap between components unless both set ``allow_overlap``.
-    """
-    components = as_components(model, spec)
-    if not components:
-        raise ValueError("No components to estimate: the component list is empty")
-    canonical = canonical_parameter_names(model)
-    params = dict(model.named_parameters())
-    seen: set[str] = set()
-    resolved = []
-    for component in components:
-        if component.name in seen:
-            raise ValueError(f"Duplicate component name {component.name!r}")
-        if component.name == "full":
-            raise ValueError("The component name 'full' is reserved for the full baseline chain")
-        seen.add(component.name)
-        resolved.append(_resolve_one(component, canonical, params))
-    _check_overlaps(resolved, {name: p.numel() for name, p in params.items()})
-    return resolved
-
-
 def canonical_parameter_names(model: nn.Module) -> dict[str, str]:
     """Every parameter name, tied aliases included, mapped to its ``named_parameters`` name."""
     first_name: dict[int, str] = {}
@@ -112,69 +51,3 @@ def canonical_parameter_names(model: nn.Module) -> dict[str, str]:
         first_name.setdefault(id(param), name)
     return {name: first_name[id(param)]
             for name, param in model.named_parameters(remove_duplicate=False)}
-
-
-def _resolve_one(component: Component, canonical: dict[str, str],
-                 params: dict[str, nn.Parameter]) -> ResolvedComponent:
-    if not component.masks:
-        raise ValueError(f"Component {component.name!r} is empty: it names no parameters")
-    entries: dict[str, torch.Tensor | None] = {}
-    size = 0
-    for raw_name, mask in component.masks.items():
-        if raw_name not in canonical:
-            close = difflib.get_close_matches(raw_name, list(canonical), n=3)
-            hint = f"; did you mean {close}?" if close else ""
-            raise ValueError(f"Component {component.name!r}: unknown parameter {raw_name!r}{hint}")
-        name = canonical[raw_name]
-        param = params[name]
-        if mask is None:
-            index = None
-            count = param.numel()
-        else:
-            mask = torch.as_tensor(mask)
-            if mask.dtype != torch.bool:
-                raise ValueError(f"Component {component.name!r}: mask for {raw_name!r} has dtype "
-                                 f"{mask.dtype}; masks must be torch.bool (or None for all)")
-            if tuple(mask.shape) != tuple(param.shape):
-                raise ValueError(f"Component {component.name!r}: mask for {raw_name!r} has shape "
-                                 f"{tuple(mask.shape)}, the parameter has {tuple(param.shape)}")
-            index = mask.reshape(-1).nonzero().squeeze(1).cpu()
-            count = index.numel()
-        if name in entries:  # the same tensor named twice through tied aliases
-            index = _union(entries[name], index)
-            count = param.numel() if index is None else index.numel()
-            size -= param.numel() if entries[name] is None else entries[name].numel()
-        entries[name] = index
-        size += count
-    if size == 0:
-        raise ValueError(f"Component {component.name!r} is empty: its masks select no entries")
-    return ResolvedComponent(component.name, entries, size, component.allow_overlap)
-
-
-def _union(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None or b is None:
-        return None
-    return torch.unique(torch.cat([a, b]))
-
-
-def _check_overlaps(components: list[ResolvedComponent], numels: dict[str, int]) -> None:
-    by_param: dict[str, list[ResolvedComponent]] = {}
-    for component in components:
-        for name in component.entries:
-            by_param.setdefault(name, []).append(component)
-    for name, owners in by_param.items():
-        if len(owners) < 2:
-            continue
-        owner_of = torch.full((numels[name],), -1, dtype=torch.long)
-        for position, owner in enumerate(owners):
-            index = owner.entries[name]
-            index = torch.arange(numels[name]) if index is None else index
-            previous = owner_of[index]
-            for other_position in previous[previous >= 0].unique().tolist():
-                other = owners[other_position]
-                if not (owner.allow_overlap and other.allow_overlap):
-                    raise ValueError(
-                        f"Components {other.name!r} and {owner.name!r} overlap on parameter "
-                        f"{name!r}. Give disjoint masks, or set allow_overlap=True on both "
-                        "if the sharing is intended (e.g. tied weights, grouped-query K/V).")
-            owner_of[index] = position

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from susc_callback.components.component import ResolvedComponent, resolve_components
+from susc_callback.components.component import ResolvedComponent
+from susc_callback.components.resolve import resolve_components
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
 from susc_callback.data.sampling import SamplingData
