@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from susc_callback.analysis.pca import STANDARDIZATIONS, compare_results
+from susc_callback.analysis.compare import compare_results
+from susc_callback.analysis.pca import STANDARDIZATIONS
 from susc_callback.config import CHOICES, SGLDConfig
 from susc_callback.data.probes import ProbeSet, probe_token_texts
 from susc_callback.estimator.engine import ChainDivergedError, estimate_susceptibilities

@@ -109,7 +109,7 @@ def test_common_basis_pca_equals_a_pca_of_the_stacked_matrices(chi):
 
 
 def test_compare_results_is_pearson_per_component(chi):
-    from susc_callback.analysis.pca import compare_results
+    from susc_callback.analysis.compare import compare_results
 
     rng = np.random.default_rng(5)
     noisy = chi + rng.normal(scale=0.5, size=chi.shape)

@@ -5,7 +5,7 @@ The matrix analysed is ``X = chi.T`` (tokens x components).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -14,7 +14,7 @@ from sklearn.decomposition import PCA
 from susc_callback.estimator.results import SusceptibilityResult
 
 Standardization = Literal["structural-inference", "spectroscopy", "none"]
-STANDARDIZATIONS = ("structural-inference", "spectroscopy", "none")
+STANDARDIZATIONS: tuple[str, ...] = get_args(Standardization)
 
 
 def standardize(chi: np.ndarray, mode: Standardization = "structural-inference") -> np.ndarray:
@@ -37,7 +37,24 @@ def standardize(chi: np.ndarray, mode: Standardization = "structural-inference")
     return x
 
 
-class SusceptibilityPCA:
+class _PCABase:
+    """Parameters shared by the PCAs of this module (scikit-learn style: ``__init__`` only
+    stores them; ``fit`` validates, computes and returns ``self``)."""
+
+    def __init__(self, n_components: int = 3,
+                 standardization: Standardization = "structural-inference") -> None:
+        self.n_components = n_components
+        self.standardization = standardization
+
+
+def _dataset_means(token_scores: np.ndarray, result: SusceptibilityResult) -> np.ndarray:
+    """``(D, k)``: the mean token score of each of ``result``'s probe datasets."""
+    token_dataset = result.token_dataset
+    return np.stack([token_scores[token_dataset == d].mean(axis=0)
+                     for d in range(len(result.dataset_names))])
+
+
+class SusceptibilityPCA(_PCABase):
     """PCA of a standardized susceptibility matrix.
 
     Learned attributes (after :meth:`fit`): ``component_names_`` (components used: failed,
@@ -47,11 +64,6 @@ class SusceptibilityPCA:
     Signs are deterministic (scikit-learn's ``svd_flip``); use :meth:`align_to` to follow
     PCs across checkpoints.
     """
-
-    def __init__(self, n_components: int = 3,
-                 standardization: Standardization = "structural-inference") -> None:
-        self.n_components = n_components
-        self.standardization = standardization
 
     def fit(self, result: SusceptibilityResult) -> SusceptibilityPCA:
         keep = result.finite_components
@@ -67,10 +79,8 @@ class SusceptibilityPCA:
         self.loadings_ = pca.components_
         self.token_scores_ = pca.transform(x)
         self.explained_variance_ratio_ = pca.explained_variance_ratio_
-        token_dataset = result.token_dataset
         self.dataset_names_ = list(result.dataset_names)
-        self.dataset_scores_ = np.stack([self.token_scores_[token_dataset == d].mean(axis=0)
-                                         for d in range(len(result.dataset_names))])
+        self.dataset_scores_ = _dataset_means(self.token_scores_, result)
         return self
 
     def align_to(self, reference: SusceptibilityPCA) -> SusceptibilityPCA:
@@ -116,7 +126,7 @@ def align_loadings(loadings: np.ndarray, reference: np.ndarray) -> tuple[np.ndar
     return order, signs
 
 
-class CommonBasisPCA:
+class CommonBasisPCA(_PCABase):
     """One PCA of several snapshots' standardized matrices stacked (every snapshot's tokens
     are samples), so that all snapshots are projected into the same basis and token and
     dataset trajectories across training can be drawn in one plane.
@@ -126,11 +136,6 @@ class CommonBasisPCA:
     ``token_scores_`` (one ``(P, n_pcs)`` array per snapshot), ``dataset_names_`` and
     ``dataset_scores_`` ``(snapshots, D, n_pcs)``.
     """
-
-    def __init__(self, n_components: int = 3,
-                 standardization: Standardization = "structural-inference") -> None:
-        self.n_components = n_components
-        self.standardization = standardization
 
     def fit(self, results: list[SusceptibilityResult]) -> CommonBasisPCA:
         if not results:
@@ -153,30 +158,6 @@ class CommonBasisPCA:
         self.dataset_names_ = list(dict.fromkeys(d for r in results for d in r.dataset_names))
         self.dataset_scores_ = np.full((len(results), len(self.dataset_names_), n), np.nan)
         for i, (result, scores) in enumerate(zip(results, self.token_scores_)):
-            token_dataset = result.token_dataset
-            for d, name in enumerate(result.dataset_names):
-                self.dataset_scores_[i, self.dataset_names_.index(name)] = \
-                    scores[token_dataset == d].mean(axis=0)
+            rows = [self.dataset_names_.index(name) for name in result.dataset_names]
+            self.dataset_scores_[i, rows] = _dataset_means(scores, result)
         return self
-
-
-def compare_results(a: SusceptibilityResult, b: SusceptibilityResult) -> dict[str, float]:
-    """Pearson correlation of two results' per-token rows, per shared component (e.g. two
-    seeds or two samplers on one checkpoint: the basic convergence check). Both must be on
-    the same probe tokens; a component failed in either gets NaN."""
-    if not (np.array_equal(a.probe_input_ids, b.probe_input_ids)
-            and np.array_equal(a.token_sequence, b.token_sequence)
-            and np.array_equal(a.token_position, b.token_position)):
-        raise ValueError("The two results are on different probe tokens; compare results of "
-                         "the same probe set")
-    shared = [name for name in a.component_names if name in b.component_names]
-    if not shared:
-        raise ValueError(f"No component in common: {a.component_names} vs {b.component_names}")
-    correlations = {}
-    for name in shared:
-        x = a.chi[a.component_names.index(name)]
-        y = b.chi[b.component_names.index(name)]
-        finite = np.isfinite(x).all() and np.isfinite(y).all()
-        varying = finite and x.std() > 0 and y.std() > 0
-        correlations[name] = float(np.corrcoef(x, y)[0, 1]) if varying else float("nan")
-    return correlations
