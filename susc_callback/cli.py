@@ -61,8 +61,9 @@ def analyze(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     checkpoints = find_checkpoints(run_dir, args.checkpoints)
     tokenizer = _load_tokenizer(args.tokenizer, run_dir, checkpoints)
-    probe = read_sequences(args.probe, tokenizer, args.max_length, "probe")
-    sampling = read_sequences(args.sampling_data, tokenizer, args.max_length, "sampling data")
+    probe = ProbeSet.from_jsonl(args.probe, tokenizer, max_length=args.max_length)
+    sampling = ProbeSet.from_jsonl(args.sampling_data, tokenizer, max_length=args.max_length,
+                                   what="sampling data")
     config = _config(args)
     components = args.components or "heads"
     probe_texts = probe_token_texts(probe, tokenizer)
@@ -100,47 +101,6 @@ def analyze(args: argparse.Namespace) -> int:
         print("failed checkpoints:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
-
-
-def read_sequences(path: str, tokenizer: object | None, max_length: int | None,
-                   what: str) -> ProbeSet:
-    """Sequences from a JSONL file: one ``{"text": ..., "dataset": ...}`` or
-    ``{"input_ids": [...], "dataset": ...}`` per line (dataset optional)."""
-    file = Path(path)
-    if not file.is_file():
-        raise CommandError(f"{what} file {path} not found")
-    rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CommandError(f"{path}:{number}: not JSON ({error})") from error
-        if not isinstance(row, dict) or ("text" in row) == ("input_ids" in row):
-            raise CommandError(f"{path}:{number}: expected an object with either 'text' or "
-                               "'input_ids'")
-        rows.append(row)
-    if not rows:
-        raise CommandError(f"{what} file {path} holds no sequences")
-    datasets = [str(row.get("dataset", "probe")) for row in rows]
-    if all("text" in row for row in rows):
-        if tokenizer is None:
-            raise CommandError(f"{what} {path} holds text: pass --tokenizer (or save the "
-                               "tokenizer with the checkpoints)")
-        return ProbeSet.from_texts([row["text"] for row in rows], tokenizer, datasets,
-                                   max_length=max_length)
-    if not all("input_ids" in row for row in rows):
-        raise CommandError(f"{path}: mix of 'text' and 'input_ids' rows; use one kind")
-    length = max(len(row["input_ids"]) for row in rows)
-    if max_length:
-        length = min(length, max_length)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens = torch.as_tensor(row["input_ids"][:length], dtype=torch.long)
-        ids[i, :len(tokens)], mask[i, :len(tokens)] = tokens, 1
-    return ProbeSet.from_tensors(ids, mask, datasets)
 
 
 def _load_tokenizer(name: str | None, run_dir: Path, checkpoints: dict[int, Path]) -> object:

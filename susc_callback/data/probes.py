@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -83,6 +86,33 @@ class ProbeSet:
             attention_mask[row, :len(ids)] = 1
         return cls.from_tensors(input_ids, attention_mask, datasets)
 
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike, tokenizer: object | None = None, *,
+                   max_length: int | None = None, what: str = "probe") -> ProbeSet:
+        """Read sequences from a JSONL file: one ``{"text": ...}`` or ``{"input_ids":
+        [...]}`` object per line, with an optional ``"dataset"`` label (default
+        ``"probe"``). Text needs ``tokenizer``; ids are right-padded with 0 and masked;
+        both are truncated to ``max_length``. ``what`` names the file in errors."""
+        rows = _jsonl_rows(Path(path), what)
+        datasets = [str(row.get("dataset", "probe")) for row in rows]
+        if all("text" in row for row in rows):
+            if tokenizer is None:
+                raise ValueError(f"{what} {path} holds text: pass a tokenizer (--tokenizer, "
+                                 "or save the tokenizer with the checkpoints)")
+            return cls.from_texts([row["text"] for row in rows], tokenizer, datasets,
+                                  max_length=max_length)
+        if not all("input_ids" in row for row in rows):
+            raise ValueError(f"{path}: mix of 'text' and 'input_ids' rows; use one kind")
+        length = max(len(row["input_ids"]) for row in rows)
+        if max_length:
+            length = min(length, max_length)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens = torch.as_tensor(row["input_ids"][:length], dtype=torch.long)
+            ids[i, :len(tokens)], mask[i, :len(tokens)] = tokens, 1
+        return cls.from_tensors(ids, mask, datasets)
+
     @property
     def input_ids(self) -> torch.Tensor | None:
         return self.tensors.get("input_ids")
@@ -102,6 +132,27 @@ class ProbeSet:
     def batch(self, start: int, stop: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Sequences ``start:stop`` as a model input dict on ``device``."""
         return {key: value[start:stop].to(device) for key, value in self.tensors.items()}
+
+
+def _jsonl_rows(path: Path, what: str) -> list[dict]:
+    """The objects of a JSONL file, each with exactly one of ``text`` and ``input_ids``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} not found")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error})") from error
+        if not isinstance(row, dict) or ("text" in row) == ("input_ids" in row):
+            raise ValueError(f"{path}:{number}: expected an object with either 'text' or "
+                             "'input_ids'")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{what} file {path} holds no sequences")
+    return rows
 
 
 def _rows(key: str, value: object) -> int:
