@@ -19,13 +19,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from susc_callback.analysis.attribution import extreme_tokens
-from susc_callback.analysis.pca import (
-    CommonBasisPCA,
-    Standardization,
-    SusceptibilityPCA,
-    standardize,
-)
-from susc_callback.analysis.series import SnapshotSeries
+from susc_callback.analysis.pca import Standardization
+from susc_callback.analysis.run_summary import RunSummary, summarize_run
 from susc_callback.data.probes import decode_each
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.figures import (
@@ -70,23 +65,16 @@ def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
     ``results`` are one run's snapshots (any order); the token view shows snapshot ``step``
     (default the latest).
     """
-    if not results:
-        raise ValueError("No results to report")
-    results = sorted(results, key=lambda r: -1 if r.step is None else r.step)
-    steps = [r.step for r in results]
-    shown = results[-1] if step is None else next((r for r in results if r.step == step), None)
-    if shown is None:
-        raise ValueError(f"No snapshot at step {step}; available steps: {steps}")
+    summary = summarize_run(results, step=step, n_pcs=n_pcs, standardization=standardization)
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    texts = _probe_texts(shown, tokenizer)
-    figures = _figures(results, shown, n_pcs, standardization)
+    texts = _probe_texts(summary.shown, tokenizer)
     sections = [
-        _header(title, results, shown, standardization),
-        _token_view(shown, texts, standardization),
+        _header(title, summary),
+        _token_view(summary, texts),
         *(_figure_section(name, caption, figure, out_dir)
-          for name, (caption, figure) in figures.items()),
-        _top_tokens_table(shown, texts, top_tokens),
+          for name, (caption, figure) in _figures(summary).items()),
+        _top_tokens_table(summary.shown, texts, top_tokens),
     ]
     page = _PAGE.format(title=html.escape(title), body="\n".join(sections))
     path = out_dir / "report.html"
@@ -94,70 +82,42 @@ def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
     return path
 
 
-def _figures(results: list[SusceptibilityResult], shown: SusceptibilityResult, n_pcs: int,
-             standardization: Standardization) -> dict[str, tuple[str, Figure]]:
+def _figures(summary: RunSummary) -> dict[str, tuple[str, Figure]]:
+    shown, standardization = summary.shown, summary.standardization
     figures: dict[str, tuple[str, Figure]] = {
         "heatmap": ("Mean susceptibility of each component on each probe dataset "
                     "(red: expresses, green: suppresses).", heatmap_figure(shown))}
-    if shown.finite_components.sum() >= 2:
-        pca = SusceptibilityPCA(n_pcs, standardization).fit(shown)
+    if summary.shown_pca is not None:
         figures["pc_loadings"] = (f"PC loadings of step {shown.step} ({standardization}).",
-                                  loadings_figure(pca, shown.step))
-    timed = [r for r in results if r.step is not None and r.finite_components.sum() >= 2]
-    if len(timed) >= 2:
-        series = SnapshotSeries(n_pcs, standardization)
-        for result in timed:
-            series.add(result)
-        steps = np.array(sorted(series.pcas))
-        pcas = [series.pcas[s] for s in steps]
-        k = min(len(p.explained_variance_ratio_) for p in pcas)
-        figures["explained_variance"] = ("Explained variance of each snapshot's PCs (aligned "
-                                         "to the previous snapshot).", curves_figure(
-            steps, {f"PC{i + 1}": np.array([p.explained_variance_ratio_[i] for p in pcas])
-                    for i in range(k)}, "Explained variance over training", "ratio"))
-        for i in range(min(k, 2)):
-            names = pcas[-1].component_names_
-            figures[f"pc{i + 1}_loadings_over_training"] = (
-                f"Loading of every component on PC{i + 1} over training.", curves_figure(
-                    steps, {n: np.array([_loading(p, i, n) for p in pcas]) for n in names},
-                    f"PC{i + 1} loadings over training", "loading"))
-        figures["dataset_trajectory"] = ("Probe datasets' mean scores on each snapshot's "
-                                         "aligned PC1 and PC2.", trajectory_figure(series))
-        try:
-            common = CommonBasisPCA(n_pcs, standardization).fit(timed)
-        except ValueError:  # < 2 components finite in every snapshot: no common basis
-            common = None
-        token_datasets = [r.token_dataset for r in timed]
-        for pcs in ((0, 1), (1, 2)) if common is not None else ():
-            for colour in ("step", "dataset"):
-                name = f"tokens_pc{pcs[0] + 1}_pc{pcs[1] + 1}_by_{colour}"
-                figures[name] = (
-                    f"Every probe token of every snapshot in one basis (a PCA of all "
-                    f"snapshots together), PC{pcs[0] + 1} vs PC{pcs[1] + 1}, coloured by "
-                    f"{colour}.", token_trajectory_figure(common, token_datasets, pcs, colour))
-        figures["llc"] = ("Refined LLC of every component and the LLC of the full model.",
-                          curves_figure(np.array([r.step for r in timed]), {
-                              **{n: np.array([_row(r, "rllc", n) for r in timed])
-                                 for n in timed[-1].component_names},
-                              "full model": np.array([r.llc_full for r in timed])},
-                              "Learning coefficients over training", "(r)LLC"))
+                                  loadings_figure(summary.shown_pca, shown.step))
+    if summary.series is None:
+        return figures
+    figures["explained_variance"] = (
+        "Explained variance of each snapshot's PCs (aligned to the previous snapshot).",
+        curves_figure(summary.steps, summary.explained_variance,
+                      "Explained variance over training", "ratio"))
+    for i, curves in enumerate(summary.loading_curves):
+        figures[f"pc{i + 1}_loadings_over_training"] = (
+            f"Loading of every component on PC{i + 1} over training.", curves_figure(
+                summary.steps, curves, f"PC{i + 1} loadings over training", "loading"))
+    figures["dataset_trajectory"] = ("Probe datasets' mean scores on each snapshot's "
+                                     "aligned PC1 and PC2.", trajectory_figure(summary.series))
+    for pcs in ((0, 1), (1, 2)) if summary.common is not None else ():
+        for colour in ("step", "dataset"):
+            name = f"tokens_pc{pcs[0] + 1}_pc{pcs[1] + 1}_by_{colour}"
+            figures[name] = (
+                f"Every probe token of every snapshot in one basis (a PCA of all "
+                f"snapshots together), PC{pcs[0] + 1} vs PC{pcs[1] + 1}, coloured by "
+                f"{colour}.", token_trajectory_figure(summary.common, summary.token_datasets,
+                                                      pcs, colour))
+    figures["llc"] = ("Refined LLC of every component and the LLC of the full model.",
+                      curves_figure(summary.llc_steps, summary.llc_curves,
+                                    "Learning coefficients over training", "(r)LLC"))
     return figures
 
 
-def _loading(pca: SusceptibilityPCA, k: int, name: str) -> float:
-    if name not in pca.component_names_ or k >= len(pca.loadings_):
-        return np.nan
-    return float(pca.loadings_[k, pca.component_names_.index(name)])
-
-
-def _row(result: SusceptibilityResult, field: str, name: str) -> float:
-    if name not in result.component_names:
-        return np.nan
-    return float(getattr(result, field)[result.component_names.index(name)])
-
-
-def _header(title: str, results: list[SusceptibilityResult], shown: SusceptibilityResult,
-            standardization: str) -> str:
+def _header(title: str, summary: RunSummary) -> str:
+    shown, results = summary.shown, summary.results
     config = ", ".join(f"{k}={v}" for k, v in shown.config.items()
                        if k in ("step_size", "n_beta", "gamma", "num_chains", "num_draws",
                                 "batch_size", "seed"))
@@ -165,17 +125,15 @@ def _header(title: str, results: list[SusceptibilityResult], shown: Susceptibili
                      for n, r in shown.failed.items())
     return (f"<h1>{html.escape(title)}</h1><p>{len(results)} snapshot(s) at steps "
             f"{[r.step for r in results]}; token view: step {shown.step}. Standardization: "
-            f"<b>{html.escape(standardization)}</b>. SGLD: {html.escape(config)}.</p>"
+            f"<b>{html.escape(summary.standardization)}</b>. SGLD: {html.escape(config)}.</p>"
             + (f"<p>Failed components at this step:</p><ul>{failed}</ul>" if failed else ""))
 
 
-def _token_view(result: SusceptibilityResult, texts: list[list[str]],
-                standardization: Standardization) -> str:
+def _token_view(summary: RunSummary, texts: list[list[str]]) -> str:
     """Every probe sequence with each predicted token shaded, one block per component."""
+    result, values, standardization = summary.shown, summary.token_values, \
+        summary.standardization
     finite = list(np.flatnonzero(result.finite_components))
-    values = np.full(result.chi.shape, np.nan)
-    if finite:
-        values[finite] = standardize(result.chi[finite], standardization).T
     where = {(int(s), int(t) + 1): i for i, (s, t) in
              enumerate(zip(result.token_sequence, result.token_position))}
     mask = result.probe_attention_mask
