@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from reference import (
+    EpochOrder,
+    causal_lm_loss,
+    causal_token_losses,
+    mean_valid_loss,
+    probe_token_losses,
+    reference_chain,
+)
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from susc_callback import ProbeSet, SGLDConfig
+from susc_callback import ProbeSet, SGLDConfig, estimate_susceptibilities
+from susc_callback.sampler.sgld import chain_seed, make_generator
+
+__all__ = ["NEW_PRECISION_API", "causal_lm_loss", "causal_token_losses", "estimate",
+           "reference_draws", "tiny_causal_lm", "tiny_gpt2"]
 
 hf_logging.set_verbosity_error()
 
@@ -26,6 +40,7 @@ VOCAB, CONTEXT = 64, 16
 # Tests parametrized over DEVICES also run on a CUDA device when there is one.
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+NEW_PRECISION_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")  # torch >= 2.9
 
 
 def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
@@ -65,3 +80,46 @@ def config() -> SGLDConfig:
     return SGLDConfig(num_chains=2, num_draws=4, batch_size=4, observable_sequences=4,
                       eval_batch_size=3, step_size=1e-3, n_beta=10.0, gamma=100.0,
                       progress=False)
+
+
+def tiny_causal_lm(model_type: str):
+    """A 2-layer, 4-head causal LM of another architecture, built from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=32)
+    extra = {"llama": dict(num_key_value_heads=2, head_dim=8),
+             "mistral": dict(num_key_value_heads=2), "qwen2": dict(num_key_value_heads=4),
+             "gpt_neox": dict(rotary_pct=0.5)}[model_type]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **common, **extra)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def estimate(model, probe, sampling_ids, config, components=None, **kwargs):
+    return estimate_susceptibilities(model, components, sampling_ids, probe, config, **kwargs)
+
+
+def reference_draws(model, masks, data, probe, cfg, name, device="cpu"):
+    """(L, l_x) at every draw of every chain of component ``name``, computed the plain way
+    (:func:`reference.reference_chain`) with the engine's seeds, on ``device``."""
+    device = torch.device(device)
+    order = torch.randperm(len(data), generator=make_generator(
+        torch.device("cpu"), chain_seed(cfg.seed, "observable")))
+    observable = {"input_ids": data[order[:cfg.observable_sequences]].to(device)}
+    probe_batch = {"input_ids": probe.input_ids.to(device),
+                   "attention_mask": probe.attention_mask.to(device)}
+    start = copy.deepcopy(model).to(device)
+    draws = []
+    for chain in range(cfg.num_chains):
+        batches = EpochOrder(len(data), cfg.batch_size, make_generator(
+            torch.device("cpu"), chain_seed(cfg.seed, "batches", chain)))
+        reference_chain(
+            start, masks, lambda order=batches: {"input_ids": data[order.next()].to(device)},
+            num_steps=cfg.num_steps, step_size=cfg.step_size, n_beta=cfg.n_beta,
+            gamma=cfg.gamma, noise=make_generator(device, chain_seed(cfg.seed, "noise", name,
+                                                                     chain)),
+            draw_at=lambda step: cfg.draw_at(step) is not None,
+            on_draw=lambda work: draws.append((mean_valid_loss(work, observable).cpu(),
+                                               probe_token_losses(work, probe_batch).cpu())))
+    return draws
