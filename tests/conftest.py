@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 from reference import (
-    EpochOrder,
     causal_lm_loss,
     causal_token_losses,
     mean_valid_loss,
@@ -18,6 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from susc_callback import ProbeSet, SGLDConfig, estimate_susceptibilities
+from susc_callback.data.sampling import EpochSampler
 from susc_callback.sampler.sgld import chain_seed, make_generator
 
 __all__ = ["NEW_PRECISION_API", "causal_lm_loss", "causal_token_losses", "estimate",
@@ -112,7 +112,7 @@ def reference_draws(model, masks, data, probe, cfg, name, device="cpu"):
     start = copy.deepcopy(model).to(device)
     draws = []
     for chain in range(cfg.num_chains):
-        batches = EpochOrder(len(data), cfg.batch_size, make_generator(
+        batches = EpochSampler(len(data), cfg.batch_size, make_generator(
             torch.device("cpu"), chain_seed(cfg.seed, "batches", chain)))
         reference_chain(
             start, masks, lambda order=batches: {"input_ids": data[order.next()].to(device)},

@@ -40,20 +40,6 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return causal_token_losses(model, batch["input_ids"])[0]
 
 
-class EpochOrder:
-    """Minibatch rows without replacement within an epoch, reshuffled each epoch."""
-
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator) -> None:
-        self.size, self.batch_size, self.generator = size, batch_size, generator
-        self.order = torch.empty(0, dtype=torch.long)
-
-    def next(self) -> torch.Tensor:
-        if len(self.order) < self.batch_size:
-            self.order = torch.randperm(self.size, generator=self.generator)
-        rows, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-        return rows
-
-
 def reference_chain(model: nn.Module, masks: Masks, next_batch: Callable[[], dict], *,
                     num_steps: int, step_size: float, n_beta: float, gamma: float,
                     noise: torch.Generator, draw_at: Callable[[int], bool],

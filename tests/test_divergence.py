@@ -16,7 +16,6 @@ from susc_callback import (
     Component,
     ProbeSet,
     SGLDConfig,
-    estimate_susceptibilities,
     head_components,
 )
 from susc_callback.sampler.divergence import DivergenceWatch
@@ -101,7 +100,7 @@ def _run_poisoned(poison, refuse_nonfinite=False, **changes):
                                   observable_sequences=4, step_size=1e-4, n_beta=1.0, gamma=1.0,
                                   progress=False, batch_chains="off"), **changes})
     components = [Component(n, {f"{n}.weight": None}) for n in ("a", "b")]
-    return estimate_susceptibilities(_TwoLinear(), components, data, probe, config,
+    return estimate(_TwoLinear(), probe, data, config, components,
                                      loss_fn=loss_fn)
 
 

@@ -70,6 +70,21 @@ class SamplingData:
                 for key, value in batch.items()}
 
 
+class EpochSampler:
+    """Minibatch indices without replacement within an epoch, reshuffled each epoch."""
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator) -> None:
+        self.size, self.batch_size, self.generator = size, batch_size, generator
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        """The row indices of the next minibatch."""
+        if len(self.order) < self.batch_size:
+            self.order = torch.randperm(self.size, generator=self.generator)
+        batch, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        return batch
+
+
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A copy from pageable host memory makes the host wait for the GPU's queue; one from
     pinned memory does not (PyTorch keeps the pinned block until the copy is done)."""

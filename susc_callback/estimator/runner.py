@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from susc_callback.config import SGLDConfig
-from susc_callback.data.sampling import SamplingData
+from susc_callback.data.sampling import EpochSampler, SamplingData
 from susc_callback.estimator.plan import FULL, EstimatePlan, OptimumDraw
 from susc_callback.estimator.stacking_policy import StackLimit, refuse_stacking
 from susc_callback.estimator.sums import DrawSums
@@ -67,8 +67,8 @@ class ChainRunner:
         minibatch_observable = cfg.observable == "minibatch"
         members = [c for c in group.members if c.name not in self.failed]
         chains = restricted_chains(members, self.params, cfg.seed, chain_index, self.device)
-        batches = _EpochSampler(len(self.data), cfg.batch_size,
-                                chain_seed(cfg.seed, "batches", chain_index))
+        batches = EpochSampler(len(self.data), cfg.batch_size, make_generator(
+            torch.device("cpu"), chain_seed(cfg.seed, "batches", chain_index)))
         watch = DivergenceWatch(cfg.num_steps, self.device)
         for step_index in range(cfg.num_steps):
             batch = self.data.batch(batches.next(), self.device)
@@ -163,18 +163,3 @@ def _share_draw(evaluated: Evaluated, draw: OptimumDraw) -> None:
     for _, output in evaluated:
         output.observable = output.loss if draw.observable is None else draw.observable
         output.tokens = draw.tokens
-
-
-class _EpochSampler:
-    """Minibatch indices without replacement within an epoch, reshuffled each epoch."""
-
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
-        self.size, self.batch_size = size, batch_size
-        self.generator = make_generator(torch.device("cpu"), seed)
-        self.order = torch.empty(0, dtype=torch.long)
-
-    def next(self) -> torch.Tensor:
-        if len(self.order) < self.batch_size:
-            self.order = torch.randperm(self.size, generator=self.generator)
-        batch, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-        return batch
