@@ -21,7 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench_engine  # noqa: E402
+from bench.tools import run_engine  # noqa: E402
+from bench.workloads import WORKLOADS, build_workload_file, load_workload  # noqa: E402
 
 import susc_callback.estimator.engine  # noqa: E402
 
@@ -29,20 +30,20 @@ import susc_callback.estimator.engine  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workload", nargs="?", default="paper-scale",
-                        choices=sorted(bench_engine.WORKLOADS))
+                        choices=sorted(WORKLOADS))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("profile_gpu.py needs a CUDA device", file=sys.stderr)
         return 2
-    workload = bench_engine.WORKLOADS[args.workload]
+    workload = WORKLOADS[args.workload]
     with tempfile.TemporaryDirectory() as tmp:
-        path, _ = bench_engine.build_workload_file(workload, "cuda", Path(tmp))
-        workload, model, sampling, probe, labels = bench_engine.load_workload(str(path), "cuda")
+        path, _ = build_workload_file(workload, "cuda", Path(tmp))
+        workload, model, sampling, probe, labels = load_workload(str(path), "cuda")
 
     def timed(w, label):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        result = bench_engine.run_engine(model, w, sampling, probe, labels)
+        result = run_engine(model, w, sampling, probe, labels)
         torch.cuda.synchronize()
         print(f"{label}: {time.perf_counter() - start:.2f} s", flush=True)
         return result
