@@ -87,7 +87,20 @@ def run_case(name: str):
 def machine() -> dict:
     """What bitwise equality depends on besides the code."""
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine(), "threads": torch.get_num_threads()}
+            "machine": platform.machine(), "cpu": _cpu_model(), "threads": torch.get_num_threads()}
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and matrix-unit flags (oneDNN picks other kernels on AMX)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                  if line.startswith("flags")), [])
+    return " ".join([model, *sorted(f for f in flags if f.startswith("amx"))])
 
 
 def write_all() -> None:

@@ -6,20 +6,30 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from golden_cases import ARRAYS, CASES, GOLDEN_DIR, machine, run_case
 from safetensors.numpy import load_file
 
 SAVED_ON = json.loads((GOLDEN_DIR / "machine.json").read_text())
 
 
+@pytest.fixture
+def threads_as_saved():
+    """Intra-op threads change float reduction orders: run with the count they were saved with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(SAVED_ON["threads"])
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_same_seed_gives_the_saved_numbers(name):
+def test_same_seed_gives_the_saved_numbers(name, threads_as_saved):
     result = run_case(name)
     saved = load_file(str(GOLDEN_DIR / f"{name}.safetensors"))
     meta = json.loads((GOLDEN_DIR / f"{name}.json").read_text())
     assert result.component_names == meta["component_names"]
     assert result.failed == meta["failed"]
-    here = {key: machine()[key] for key in ("torch", "cpu_capability", "machine")}
+    here = {key: machine()[key] for key in ("torch", "cpu_capability", "machine", "threads")}
     bitwise = here == {key: SAVED_ON[key] for key in here}
     for key in ARRAYS:
         if bitwise:  # same kernels: the very same floats
