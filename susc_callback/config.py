@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
@@ -100,24 +101,41 @@ class SGLDConfig:
 
     def __post_init__(self) -> None:
         for name in ("step_size", "n_beta"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"Invalid {name}: {value!r} (must be a finite number > 0)")
-        if not (math.isfinite(self.gamma) and self.gamma >= 0):
-            raise ValueError(f"Invalid gamma: {self.gamma!r} (must be a finite number >= 0)")
+            _check_real(name, getattr(self, name), minimum=0.0, strict=True)
+        _check_real("gamma", self.gamma, minimum=0.0, strict=False)
         for name in ("num_chains", "num_draws", "steps_between_draws", "batch_size",
                      "observable_sequences", "eval_batch_size", "max_batched_chains"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
-        if not isinstance(self.num_burnin, int) or self.num_burnin < 0:
-            raise ValueError(f"Invalid num_burnin: {self.num_burnin!r} (must be an integer >= 0)")
+            self._set_int(name, minimum=1)
+        self._set_int("num_burnin", minimum=0)
+        self._set_int("seed", minimum=0)
         for name, choices in CHOICES.items():
             _check_choice(name, getattr(self, name), choices)
-        if self.workers != "auto" and (not isinstance(self.workers, int) or
-                                       isinstance(self.workers, bool) or self.workers < 1):
-            raise ValueError(f"Invalid workers: {self.workers!r} (must be 'auto' or an "
-                             "integer >= 1)")
+        if self.workers != "auto":
+            self._set_int("workers", minimum=1, also="'auto' or ")
+        if self.num_draws == 1 and self.num_burnin == 0:
+            raise ValueError(
+                "Invalid num_draws=1 with num_burnin=0: every chain's only draw would be w* "
+                "itself (phi = 0, so every susceptibility 0); use num_draws >= 2 or "
+                "num_burnin >= 1")
+        if self.num_chains * self.num_draws < 2:
+            raise ValueError(
+                f"Invalid num_chains={self.num_chains}, num_draws={self.num_draws}: a "
+                "covariance needs at least 2 draws in all (num_chains * num_draws >= 2)")
+        if self.device is not None:
+            object.__setattr__(self, "device", _device_name(self.device))
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ValueError(f"Invalid progress: {self.progress!r} (must be True, False or "
+                             "None)")
+
+    def _set_int(self, name: str, minimum: int, also: str = "") -> None:
+        """Check an integer field and store it as a plain ``int`` (so ``seed=1`` and
+        ``seed=numpy.int64(1)`` are one estimate); floats and bools are refused."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+                or value < minimum:
+            raise ValueError(f"Invalid {name}: {value!r} (must be {also}an integer >= "
+                             f"{minimum})")
+        object.__setattr__(self, name, int(value))
 
     @property
     def num_steps(self) -> int:
@@ -175,3 +193,25 @@ CHOICES = {"observable": get_args(ObservableLoss), "anchor": get_args(Anchor),
 def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"Invalid {name}: {value!r} (valid: {', '.join(map(repr, valid))})")
+
+
+def _check_real(name: str, value: object, minimum: float, strict: bool) -> None:
+    bound = ">" if strict else ">="
+    valid = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+             and math.isfinite(value) and (value > minimum if strict else value >= minimum))
+    if not valid:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number {bound} "
+                         f"{minimum:g})")
+
+
+def _device_name(device: object) -> str:
+    """``device`` as the canonical string torch reads (``"cuda:0"``, ``"cpu"``)."""
+    import torch
+
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"Invalid device: {device!r} (must be None, a string such as "
+                         "'cpu' or 'cuda:0', or a torch.device)")
+    try:
+        return str(torch.device(device))
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"Invalid device: {device!r} ({error})") from None

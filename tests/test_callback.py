@@ -17,8 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from susc_callback import ProbeSet, Schedule, SGLDConfig, SusceptibilityResult
-from susc_callback.store.run import RunStore
 from susc_callback.callback.trainer_callback import SusceptibilityCallback
+from susc_callback.store.run import RunStore
 
 DROPOUT = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
 

@@ -29,7 +29,7 @@ def profile_main(workload: str, device: str, threads: int, draws: int, chains: i
     print(f"# profile: {workload} with {w.num_chains} chain(s) x {w.num_draws} draws, "
           f"threads={torch.get_num_threads()}")
     # Warm-up outside the profile: imports, first-call initialisation.
-    warm = replace(w, num_draws=1, num_chains=1)
+    warm = replace(w, num_draws=2, num_chains=1)
     run_engine(model, warm, sampling, probe, labels)
     run_plain_loop(model, warm, sampling, probe)
     for title, fn in (("engine", lambda: run_engine(model, w, sampling, probe, labels)),

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA
 
-from susc_callback.estimator.results import SusceptibilityResult
+from susc_callback.estimator.results import SusceptibilityResult, mean_per_dataset
 
 Standardization = Literal["structural-inference", "spectroscopy", "none"]
 STANDARDIZATIONS: tuple[str, ...] = get_args(Standardization)
@@ -37,6 +37,20 @@ def standardize(chi: np.ndarray, mode: Standardization = "structural-inference")
     return x
 
 
+class ConstantMatrixError(ValueError):
+    """The standardized susceptibility matrix does not vary: it has no principal
+    components (explained-variance ratios would be 0 / 0)."""
+
+
+def _check_varies(x: np.ndarray) -> None:
+    if not np.any(x - x.mean(axis=0)):
+        raise ConstantMatrixError(
+            f"The standardized susceptibility matrix ({x.shape[0]} tokens x {x.shape[1]} "
+            "components) is constant, so it has no principal components; an estimate whose "
+            "chi is all zero usually had too few draws away from w* (raise num_draws or "
+            "num_burnin)")
+
+
 class _PCABase:
     """Parameters shared by the PCAs of this module (scikit-learn style: ``__init__`` only
     stores them; ``fit`` validates, computes and returns ``self``)."""
@@ -49,9 +63,8 @@ class _PCABase:
 
 def _dataset_means(token_scores: np.ndarray, result: SusceptibilityResult) -> np.ndarray:
     """``(D, k)``: the mean token score of each of ``result``'s probe datasets."""
-    token_dataset = result.token_dataset
-    return np.stack([token_scores[token_dataset == d].mean(axis=0)
-                     for d in range(len(result.dataset_names))])
+    return mean_per_dataset(token_scores.T, result.token_dataset,
+                            len(result.dataset_names)).T
 
 
 class SusceptibilityPCA(_PCABase):
@@ -71,6 +84,7 @@ class SusceptibilityPCA(_PCABase):
             raise ValueError(f"PCA needs >= 2 components with finite susceptibilities, got "
                              f"{int(keep.sum())}")
         x = standardize(result.chi[keep], self.standardization)
+        _check_varies(x)
         n = min(self.n_components, *x.shape)
         if n < 1:
             raise ValueError(f"n_components must be >= 1, got {self.n_components}")
@@ -148,6 +162,7 @@ class CommonBasisPCA(_PCABase):
                              f"got {names}")
         blocks = [standardize(r.chi[[r.component_names.index(n) for n in names]],
                               self.standardization) for r in results]
+        _check_varies(np.vstack(blocks))
         n = min(self.n_components, len(names), sum(len(b) for b in blocks))
         pca = PCA(n_components=n, svd_solver="full").fit(np.vstack(blocks))
         self.component_names_ = names

@@ -3,12 +3,14 @@ draw what is here."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from susc_callback.analysis.pca import (
     CommonBasisPCA,
+    ConstantMatrixError,
     Standardization,
     SusceptibilityPCA,
     standardize,
@@ -67,7 +69,10 @@ def summarize_run(results: list[SusceptibilityResult], *, step: int | None = Non
                          f"{[r.step for r in results]}")
     summary = RunSummary(results, shown, standardization, _token_values(shown, standardization))
     if shown.finite_components.sum() >= 2:
-        summary.shown_pca = SusceptibilityPCA(n_pcs, standardization).fit(shown)
+        try:
+            summary.shown_pca = SusceptibilityPCA(n_pcs, standardization).fit(shown)
+        except ConstantMatrixError as error:
+            warnings.warn(f"Snapshot at step {shown.step} has no PCs: {error}", stacklevel=2)
     timed = [r for r in results if r.step is not None and r.finite_components.sum() >= 2]
     if len(timed) >= 2:
         _add_trajectories(summary, timed, n_pcs, standardization)
@@ -88,6 +93,8 @@ def _add_trajectories(summary: RunSummary, timed: list[SusceptibilityResult], n_
     series = SnapshotSeries(n_pcs, standardization)
     for result in timed:
         series.add(result)
+    if not series.pcas:
+        return
     steps = np.array(sorted(series.pcas))
     pcas = [series.pcas[s] for s in steps]
     k = min(len(p.explained_variance_ratio_) for p in pcas)

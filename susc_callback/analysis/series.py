@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-from susc_callback.analysis.pca import Standardization, SusceptibilityPCA
+from susc_callback.analysis.pca import ConstantMatrixError, Standardization, SusceptibilityPCA
 from susc_callback.estimator.results import SusceptibilityResult
 
 
@@ -19,7 +21,8 @@ class SnapshotSeries:
 
     def add(self, result: SusceptibilityResult) -> SusceptibilityPCA | None:
         """Fit the PCA of ``result`` (its ``step`` must be set and later than any added).
-        None, and nothing added, when fewer than 2 components are finite: no PCs exist."""
+        None, and nothing added, when no PCs exist: fewer than 2 components are finite, or
+        the matrix is constant (warned)."""
         if result.step is None:
             raise ValueError("A result needs its training step to join a series")
         if self.pcas and result.step <= max(self.pcas):
@@ -27,7 +30,11 @@ class SnapshotSeries:
                              f"(step {max(self.pcas)})")
         if result.finite_components.sum() < 2:
             return None
-        pca = SusceptibilityPCA(self.n_pcs, self.standardization).fit(result)
+        try:
+            pca = SusceptibilityPCA(self.n_pcs, self.standardization).fit(result)
+        except ConstantMatrixError as error:
+            warnings.warn(f"Snapshot at step {result.step} has no PCs: {error}", stacklevel=2)
+            return None
         if self.pcas:
             pca.align_to(self.pcas[max(self.pcas)])
         self.pcas[result.step] = pca

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,12 +58,20 @@ class Schedule:
             planned.add(max_steps)
         return planned
 
-    def check(self, max_steps: int) -> None:
-        """Raise ``ValueError`` if the schedule selects no step of a ``max_steps`` run."""
-        if not self.on_save and not self.planned_steps(max_steps):
+    def check(self, max_steps: int, saves: bool = True) -> None:
+        """Raise ``ValueError`` if the schedule selects no step of a ``max_steps`` run
+        (``saves``: whether the run saves checkpoints at all); warn if ``on_save`` is set
+        in a run that never saves."""
+        selects_saves = self.on_save and saves
+        if not selects_saves and not self.planned_steps(max_steps):
+            saving = "" if saves else ", which saves no checkpoint"
             raise ValueError(f"The snapshot schedule {self} selects no step of this run "
-                             f"(steps 0..{max_steps}); add steps, lower `every`, or set "
-                             "log_spaced / on_save / at_end")
+                             f"(steps 0..{max_steps}{saving}); add steps, lower `every`, or "
+                             "set log_spaced / on_save / at_end")
+        if self.on_save and not saves:
+            warnings.warn("Schedule(on_save=True) in a run with save_strategy='no' takes no "
+                          "snapshot at saves (there are none); set a save_strategy or "
+                          "schedule steps", stacklevel=3)
 
     @classmethod
     def coerce(cls, value: Schedule | int | Iterable[int] | None) -> Schedule:

@@ -207,8 +207,10 @@ class SusceptibilityCallback(TrainerCallback):
         # Collating a sampling batch may draw random numbers (e.g. an MLM collator).
         with preserved_rng_state(next(model.parameters()).device):
             _, self._data = check_inputs(model, self._components, data, self.probe,
-                                         self._run_config, collate_fn=self.collate_fn)
-        self.schedule.check(state.max_steps)
+                                         self._run_config, loss_fn=self.loss_fn,
+                                         collate_fn=self.collate_fn)
+        saves = str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
+        self.schedule.check(state.max_steps, saves)
         self._planned = self.schedule.planned_steps(state.max_steps)
         self._store = RunStore(Path(self.output_dir or args.output_dir) / RESULTS_FOLDER)
         self._probe_tokens = probe_token_texts(self.probe,

@@ -39,7 +39,8 @@ class ProbeSet:
         if count == 0:
             raise ValueError("ProbeSet is empty: it holds 0 sequences")
         ids = self.tensors.get("input_ids")
-        if ids is not None and (ids.dim() != 2 or ids.is_floating_point() or ids.shape[1] < 2):
+        if ids is not None and (ids.dim() != 2 or ids.is_floating_point()
+                                or ids.dtype == torch.bool or ids.shape[1] < 2):
             raise ValueError("ProbeSet input_ids must be an integer tensor of shape "
                              f"(sequences, positions >= 2), got {_describe(ids)}")
         mask = self.tensors.get("attention_mask")
@@ -54,9 +55,17 @@ class ProbeSet:
     def from_tensors(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      datasets: str | Sequence[str] = "probe") -> ProbeSet:
         """Build from token ids; ``datasets`` is one label for all or one per sequence."""
-        tensors = {"input_ids": torch.as_tensor(input_ids).long().cpu()}
+        ids = torch.as_tensor(input_ids).cpu()
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got {_describe(ids)} "
+                             "(converting would truncate or reinterpret them)")
+        tensors = {"input_ids": ids.long()}
         if attention_mask is not None:
-            tensors["attention_mask"] = torch.as_tensor(attention_mask).long().cpu()
+            mask = torch.as_tensor(attention_mask).cpu()
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("attention_mask must hold only 0 and 1, got values "
+                                 f"{sorted(set(mask.flatten().tolist()))[:5]}")
+            tensors["attention_mask"] = mask.long()
         return cls.from_batch(tensors, datasets)
 
     @classmethod

@@ -120,12 +120,21 @@ def causal_lm_token_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]
     shifted = F.pad(targets, (0, 1), value=-100)
     losses = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), reduction="none")
     losses = losses.view(input_ids.shape)[:, :-1]
-    valid = torch.ones_like(targets, dtype=torch.bool)
+    return losses, causal_lm_valid_targets(batch)
+
+
+def causal_lm_valid_targets(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``(B, T-1)``: where the default loss has a target (see :func:`causal_lm_token_losses`),
+    from the batch's masks alone, without running the model."""
+    input_ids = batch["input_ids"]
+    valid = torch.ones((input_ids.shape[0], input_ids.shape[1] - 1), dtype=torch.bool,
+                       device=input_ids.device)
+    attention_mask = batch.get("attention_mask")
     if attention_mask is not None:
         valid = valid & attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
     if "labels" in batch:
         valid = valid & (batch["labels"][:, 1:] != -100)
-    return losses, valid
+    return valid
 
 
 def token_losses(loss_fn: LossFn | None, model: nn.Module, batch: dict

@@ -75,8 +75,9 @@ def estimate_susceptibilities(
     # Gradients are needed even when the caller is inside no_grad() or inference_mode().
     with preserved_rng_state(device), ieee_float32(), torch.inference_mode(False), \
             torch.enable_grad():
+        # (collating may draw random numbers: inside preserved_rng_state)
         resolved, data = check_inputs(model, components, sampling_data, probe, config,
-                                      collate_fn=collate_fn)  # collating may draw randoms
+                                      loss_fn=loss_fn, collate_fn=collate_fn)
         snapshot = _float32_snapshot(model, device)
         plan = plan_estimate(snapshot, resolved, data, probe, config, loss_fn, device)
         runner = ChainRunner(plan, data, config, device)

@@ -9,6 +9,7 @@ set's activations after that prefix are computed once and replayed at every draw
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -49,6 +50,7 @@ def plan_estimate(model: nn.Module, components: list[ResolvedComponent], data: S
     # caches), so stacked chains share them; a GPU wants the largest passes that fit.
     max_rows = size if device.type == "cpu" else None
     token_sequence, token_position, probe_valid = _probe_layout(model, loss_fn, probe_chunks)
+    _warn_empty_datasets(probe, token_sequence)
 
     def group_losses(depth: int, observable: list[dict]) -> GroupLosses:
         return GroupLosses(model, loss_fn, prefix, depth, probe_chunks, probe_valid,
@@ -93,7 +95,8 @@ def _probe_layout(model: nn.Module, loss_fn: LossFn | None, probe_chunks: list[d
     start = 0
     with torch.no_grad():
         for chunk in probe_chunks:
-            _, valid = token_losses(loss_fn, model, chunk)
+            losses, valid = token_losses(loss_fn, model, chunk)
+            _check_finite_at_optimum(losses[valid], "probe token losses")
             valid_masks.append(valid)
             rows, cols = valid.nonzero(as_tuple=True)
             sequences.append(rows.cpu() + start)
@@ -102,6 +105,26 @@ def _probe_layout(model: nn.Module, loss_fn: LossFn | None, probe_chunks: list[d
     if sum(len(s) for s in sequences) == 0:
         raise ValueError("The probe set has no valid tokens (all masked or too short)")
     return torch.cat(sequences).numpy(), torch.cat(positions).numpy(), valid_masks
+
+
+def _warn_empty_datasets(probe: ProbeSet, token_sequence: np.ndarray) -> None:
+    """Probe datasets without a valid token get NaN in every per-dataset number: say so."""
+    present = {probe.datasets[s] for s in np.unique(token_sequence)}
+    empty = [name for name in probe.dataset_names if name not in present]
+    if empty:
+        warnings.warn(f"Probe dataset(s) {empty} have no valid tokens (all masked or too "
+                      "short): their per-dataset susceptibilities and PC scores are NaN",
+                      stacklevel=4)
+
+
+def _check_finite_at_optimum(values: torch.Tensor, what: str) -> None:
+    """Non-finite losses at ``w*`` itself: no step size can help, so fail before sampling."""
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"The {what} at the checkpoint w* are not finite ({bad} of "
+                         f"{values.numel()} are NaN or inf) before any SGLD step: the "
+                         "checkpoint's weights or the loss on these inputs are broken (or the "
+                         "set has no valid token); sampling cannot define anything from it")
 
 
 def _evaluate_optimum(group_losses: Callable[[int, list[dict]], GroupLosses],
@@ -118,6 +141,9 @@ def _evaluate_optimum(group_losses: Callable[[int, list[dict]], GroupLosses],
         anchor = observable
         if config.anchor == "separate-batches":
             anchor = group_losses(0, anchor_chunks).observable_loss()[0]
+        for what, value in (("observable loss", observable), ("anchor loss", anchor)):
+            if value is not None:
+                _check_finite_at_optimum(value, what)
         draw = OptimumDraw(observable, at_optimum.probe_losses()[0]) \
             if first_draw_at_optimum else None
     return anchor, draw

@@ -115,8 +115,7 @@ class SusceptibilityResult:
         datasets = probe.dataset_names
         per_sequence = np.array([datasets.index(d) for d in probe.datasets])
         token_dataset = per_sequence[token_sequence]
-        dataset_chi = np.stack([chi[:, token_dataset == d].mean(axis=1)
-                                for d in range(len(datasets))], axis=1)
+        dataset_chi = mean_per_dataset(chi, token_dataset, len(datasets))
         ids = probe.input_ids
         ids = ids.numpy() if ids is not None else np.zeros((len(probe), 0), np.int64)
         mask = probe.attention_mask
@@ -152,6 +151,17 @@ class SusceptibilityResult:
             raise ValueError(f"{path}: unsupported result format {meta.get('format_version')!r}")
         meta.pop("format_version")
         return cls(**meta, **arrays)
+
+
+def mean_per_dataset(values: np.ndarray, token_dataset: np.ndarray, count: int) -> np.ndarray:
+    """``(..., count)``: the mean of ``values`` ``(..., P)`` over each dataset's tokens;
+    NaN for a dataset without tokens (the planner warned about it)."""
+    means = np.full((*values.shape[:-1], count), np.nan)
+    for d in range(count):
+        tokens = token_dataset == d
+        if tokens.any():
+            means[..., d] = values[..., tokens].mean(axis=-1)
+    return means
 
 
 _PER_COMPONENT = ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces")

@@ -13,9 +13,13 @@ class ChainDivergedError(RuntimeError):
 
     def __init__(self, component: str, chain: int, step: int, what: str) -> None:
         self.component, self.chain, self.step, self.what = component, chain, step, what
+        hint = ("Lower step_size or raise gamma (or lower n_beta) in SGLDConfig." if step else
+                "At step 0 the weights are still the checkpoint's, so no step size can help: "
+                "the checkpoint or its loss on this minibatch is non-finite, or the minibatch "
+                "has no valid target token.")
         super().__init__(
             f"SGLD chain {chain} of component {component!r} diverged at step {step}: {what}. "
-            "Lower step_size or raise gamma (or lower n_beta) in SGLDConfig.")
+            + hint)
 
     def __reduce__(self):  # raised again in the parent when a chain worker hits it
         return type(self), (self.component, self.chain, self.step, self.what)

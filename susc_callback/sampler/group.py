@@ -122,7 +122,8 @@ class GroupLosses:
                 grads = [g + p for g, p in zip(grads, part_grads)]
             total = total + part.detach()
             count = count + valid.flatten(1).sum(-1)
-        count = count.clamp(min=1)
+        # A batch without a valid token gives NaN (0 / 0), which the divergence watch
+        # reports, not a silent zero gradient.
         if stack is None:
             return total / count, [g / count[0] for g in grads]
         return total / count, [g / count.view(-1, *[1] * (g.dim() - 1)) for g in grads]
@@ -135,7 +136,7 @@ class GroupLosses:
             losses, valid = self.token_losses(chunk, hidden, stack)
             total = total + torch.where(valid, losses, 0.0).double().sum(-1)
             count = count + valid.sum(-1)
-        return total / count.clamp(min=1)
+        return total / count  # NaN for chunks without a valid token, never a silent 0
 
     def probe_losses(self, stack: StackedModules | None = None) -> torch.Tensor:
         """Per-token probe losses ``(G, P)`` in probe-token order."""
