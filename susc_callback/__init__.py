@@ -11,6 +11,7 @@ from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
 from susc_callback.estimator.engine import ChainDivergedError, estimate_susceptibilities
 from susc_callback.estimator.results import SusceptibilityResult
+from susc_callback.store.files import ResultFileError
 
 if TYPE_CHECKING:
     from susc_callback.callback.trainer_callback import SusceptibilityCallback
@@ -19,6 +20,7 @@ __all__ = [
     "ChainDivergedError",
     "Component",
     "ProbeSet",
+    "ResultFileError",
     "SGLDConfig",
     "Schedule",
     "SnapshotSeries",

@@ -30,8 +30,9 @@ from susc_callback.estimator.engine import ChainDivergedError, estimate_suscepti
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.report import write_report
 from susc_callback.logging.snapshots import SnapshotPublisher
-from susc_callback.store.files import is_result_folder
+from susc_callback.store.files import ResultFileError, is_result_folder
 from susc_callback.store.run import (
+    RunInUseError,
     RunStore,
     check_same_probe,
     check_same_settings,
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (CommandError, ValueError, OSError) as error:
+    except (CommandError, ValueError, OSError, RunInUseError) as error:
         print(f"susc {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -58,8 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- analyze ---------------------------------------------------------------------------------
 
 def analyze(args: argparse.Namespace) -> int:
+    checkpoints = find_checkpoints(args.run_dir, args.checkpoints)
+    store = RunStore.of_run(args.run_dir)
+    with store.writing():  # one analysis of a run at a time
+        return _analyze(args, store, checkpoints)
+
+
+def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, Path]) -> int:
+    """Estimate every checkpoint without a result, then rebuild the TensorBoard run."""
     run_dir = Path(args.run_dir)
-    checkpoints = find_checkpoints(run_dir, args.checkpoints)
     tokenizer = _load_tokenizer(args.tokenizer, run_dir, checkpoints)
     probe = ProbeSet.from_jsonl(args.probe, tokenizer, max_length=args.max_length)
     sampling = ProbeSet.from_jsonl(args.sampling_data, tokenizer, max_length=args.max_length,
@@ -67,14 +75,17 @@ def analyze(args: argparse.Namespace) -> int:
     config = _config(args)
     components = args.components or "heads"
     probe_texts = probe_token_texts(probe, tokenizer)
-    store = RunStore.of_run(run_dir)
     failures = []
     for step, path in tqdm(checkpoints.items(), desc="checkpoints", unit="ckpt",
                            disable=not sys.stderr.isatty()):
         if store.has(step) and not args.force:
-            _check_saved(store, step, config, components, probe)
-            print(f"step {step}: done already ({store.step_dir(step)})")
-            continue
+            try:
+                _check_saved(store, step, config, components, probe)
+                print(f"step {step}: done already ({store.step_dir(step)})")
+                continue
+            except ResultFileError as error:  # the store is a cache: compute it again
+                print(f"step {step}: saved result is damaged ({error.problem}); recomputing",
+                      file=sys.stderr)
         try:
             model = _load_model(path, tokenizer)
             result = estimate_susceptibilities(model, components, sampling.tensors, probe,
@@ -93,7 +104,7 @@ def analyze(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(run_dir)
     publisher = SnapshotPublisher(store, log_dir, args.n_pcs, args.standardization)
     try:
-        publisher.rebuild()
+        publisher.rebuild(_skip_damaged if args.keep_going else None)
     finally:
         publisher.close()
     print(f"TensorBoard: tensorboard --logdir {log_dir}")
@@ -151,9 +162,13 @@ def _check_saved(store: RunStore, step: int, config: SGLDConfig, components: str
 
 # -- report and compare ----------------------------------------------------------------------
 
+def _skip_damaged(step: int, error: ResultFileError) -> None:
+    print(f"step {step}: skipped, {error}", file=sys.stderr)
+
+
 def report(args: argparse.Namespace) -> int:
     source = Path(args.path)
-    results = load_results(source)
+    results = load_results(source, _skip_damaged if args.keep_going else None)
     out = Path(args.out) if args.out else (
         source.parent / f"{source.name}-report" if is_result_folder(source)
         else source / "report")
@@ -202,7 +217,8 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(f"--{name.replace('_', '-')}", default=None, **options)
     run.add_argument("--force", action="store_true", help="recompute finished checkpoints")
     run.add_argument("--keep-going", action="store_true",
-                     help="skip unreadable checkpoints instead of stopping")
+                     help="skip unreadable checkpoints and damaged saved results instead of "
+                          "stopping")
     run.add_argument("--log-dir", help="TensorBoard run (default RUN_DIR/runs/susceptibility)")
     run.add_argument("--no-progress", action="store_true")
     _analysis_options(run)
@@ -213,6 +229,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--out", help="output folder (default: next to the results)")
     show.add_argument("--tokenizer", help="decode token ids when the results hold no text")
     show.add_argument("--step", type=int, help="snapshot of the token view (default: last)")
+    show.add_argument("--keep-going", action="store_true",
+                      help="leave damaged results out of the series (each named) instead of "
+                           "stopping")
     _analysis_options(show)
     show.set_defaults(handler=report)
 

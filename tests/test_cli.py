@@ -14,7 +14,7 @@ from conftest import CONTEXT, VOCAB, tiny_gpt2
 
 import susc_callback.cli as cli
 from susc_callback import SusceptibilityResult, standardize
-from susc_callback.store.run import RunStore
+from susc_callback.store.run import RunStore, load_results
 
 SGLD = ["--num-chains", "1", "--num-draws", "3", "--batch-size", "4",
         "--observable-sequences", "4", "--eval-batch-size", "8", "--n-beta", "10",
@@ -253,3 +253,25 @@ def test_report_survives_components_failing_at_different_steps(tmp_path):
             sequence_datasets=["a"], config={}, step=step, failed=failed))
     page = write_report(results, tmp_path / "report").read_text()
     assert "explained_variance" in page and "tokens_pc1_pc2" not in page
+
+
+def test_damaged_results_are_named_and_skipped_on_request(run, tmp_path, capsys):
+    assert analyze(run) == 0
+    damaged = run / "susceptibility" / "step-20"
+    (damaged / "arrays.safetensors").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and str(damaged) in error and "checksum" in error
+    assert cli.main(["compare", str(damaged), str(run / "susceptibility" / "step-10")]) == 2
+    assert str(damaged) in capsys.readouterr().err
+
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "r"), "--keep-going"]) == 0
+    assert "step 20: skipped" in capsys.readouterr().err
+    skipped = []
+    kept = load_results(run, lambda step, error: skipped.append(step))
+    assert [r.step for r in kept] == [10, 30] and skipped == [20]
+
+    assert analyze(run) == 0  # the store is a cache: a damaged step is computed again
+    assert "step 20: saved result is damaged" in capsys.readouterr().err
+    assert len(RunStore.of_run(run).load_all()) == 3

@@ -40,6 +40,9 @@ from susc_callback.sampler.isolation import preserved_rng_state
 from susc_callback.store.run import RESULTS_FOLDER, RunStore
 
 logger = logging.get_logger(__name__)
+LOCK_WAIT_SECONDS = 60.0
+"""How long a snapshot waits for another writer of the run's store (e.g. a `susc analyze`
+on the same directory) before it fails, reported like any failed snapshot."""
 
 
 class SusceptibilityCallback(TrainerCallback):
@@ -237,16 +240,18 @@ class SusceptibilityCallback(TrainerCallback):
         log_dir = trainer_context.tensorboard_dir(self._trainer, args, self.log_dir)
         self._publisher = SnapshotPublisher(self._store, log_dir, self.n_pcs,
                                             self.standardization, self.top_tokens)
-        restored = self._publisher.restore(state.global_step, self._run_config,
-                                           [c.name for c in self._components])
+        with self._store.writing(LOCK_WAIT_SECONDS):
+            restored = self._publisher.restore(state.global_step, self._run_config,
+                                               [c.name for c in self._components])
         if restored.set_aside:
             warnings.warn(f"Moved {len(restored.set_aside)} saved susceptibility snapshots "
                           f"that are not part of this run's history (after the resumed step, "
                           f"or from an earlier run) to {restored.set_aside_to}", UserWarning,
                           stacklevel=4)
-        if restored.dropped_events:
-            logger.info(f"Removed {restored.dropped_events} susceptibility TensorBoard events "
-                        f"after step {state.global_step} from {log_dir}")
+        logger.info(f"Susceptibility TensorBoard run {log_dir} rebuilt from the "
+                    f"{len(restored.kept)} saved snapshots up to step {state.global_step}")
+        for step in restored.kept:  # repair copies that a kill interrupted
+            self._store.copy_into_checkpoint(step, args.output_dir, only_if_missing=True)
         return restored.kept
 
     # -- snapshot ---------------------------------------------------------------------------
@@ -285,9 +290,10 @@ class SusceptibilityCallback(TrainerCallback):
             result.extra["probe_tokens"] = self._probe_tokens
         self._snapshot_seconds += seconds
         elapsed = time.perf_counter() - self._train_start
-        scalars = self._publisher.publish(result, {
-            "snapshot/seconds": seconds,
-            "snapshot/time_share": self._snapshot_seconds / max(elapsed, 1e-9)})
+        with self._store.writing(LOCK_WAIT_SECONDS):
+            scalars = self._publisher.publish(result, {
+                "snapshot/seconds": seconds,
+                "snapshot/time_share": self._snapshot_seconds / max(elapsed, 1e-9)})
         self._report_to_other_loggers(args, state, control, scalars)
         for name, reason in result.failed.items():
             logger.warning(f"Susceptibility snapshot at step {result.step}: component {name} "

@@ -11,8 +11,9 @@ import torch
 
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
+from susc_callback.estimator.result_checks import check_result_fields
 from susc_callback.estimator.sums import DrawSums, susceptibilities
-from susc_callback.store.files import read_folder, write_folder
+from susc_callback.store.files import ResultFileError, read_folder, write_folder
 
 _ARRAYS = ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces",
            "full_loss_trace", "token_sequence", "token_position", "probe_input_ids",
@@ -145,11 +146,14 @@ class SusceptibilityResult:
 
     @classmethod
     def load(cls, path: str | Path) -> SusceptibilityResult:
-        """Read a result written by :meth:`save`."""
+        """Read a result written by :meth:`save`; a damaged or inconsistent folder raises
+        :class:`~susc_callback.store.files.ResultFileError` naming it."""
         arrays, meta = read_folder(path)
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported result format {meta.get('format_version')!r}")
-        meta.pop("format_version")
+        version = meta.pop("format_version", None)
+        if version != _FORMAT_VERSION:
+            raise ResultFileError(path, f"unsupported result format {version!r} (this "
+                                        f"version reads format {_FORMAT_VERSION})")
+        check_result_fields(path, meta, arrays, _ARRAYS)
         return cls(**meta, **arrays)
 
 

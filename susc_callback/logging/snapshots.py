@@ -18,22 +18,25 @@ from susc_callback.config import SGLDConfig
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.tensorboard import (
     TensorBoardLogger,
-    drop_events_after,
+    drop_events,
     remove_projector,
     snapshot_scalars,
 )
-from susc_callback.store.run import RunStore, check_same_settings
+from susc_callback.store.run import OnDamaged, RunStore, check_same_settings
+
+EXTRA_SCALARS = "snapshot_scalars"
+"""Key of ``result.extra`` holding the scalars logged with a snapshot that the result itself
+cannot give (its time and its share of the training time)."""
 
 
 @dataclass(frozen=True)
 class Restored:
     """What :meth:`SnapshotPublisher.restore` found: the steps that rejoined the series,
-    those set aside (and where to), and the TensorBoard events dropped."""
+    and those set aside (and where to)."""
 
     kept: list[int]
     set_aside: list[int]
     set_aside_to: Path | None
-    dropped_events: int
 
 
 class SnapshotPublisher:
@@ -50,42 +53,51 @@ class SnapshotPublisher:
                 ) -> Restored:
         """Resume at ``resumed_step`` (0: a new run). Saved results up to it are checked
         against this run's settings (before anything on disk changes) and rejoin the
-        series; later ones belong to a discarded continuation and are set aside, and this
-        library's TensorBoard events after it are dropped."""
+        series; later ones belong to a discarded continuation and are set aside. The
+        TensorBoard run is then rebuilt from the kept results, so that it shows exactly
+        the store (also what a kill between saving and logging left out)."""
         saved = self.store.saved_steps()
-        kept = [step for step in saved if resumed_step > 0 and step <= resumed_step]
-        for step in kept:
-            result = SusceptibilityResult.load(saved[step])
+        kept = {step: SusceptibilityResult.load(saved[step]) for step in saved
+                if 0 < resumed_step and step <= resumed_step}
+        for step, result in kept.items():
             check_same_settings(result, config, components, saved[step])
-            self.series.add(result)
         orphans = [step for step in saved if step not in kept]
         set_aside_to = self.store.set_aside(orphans) if orphans else None
-        dropped = drop_events_after(self.log_dir, resumed_step if resumed_step > 0 else None)
-        return Restored(kept, orphans, set_aside_to, dropped)
+        self._relog(list(kept.values()))
+        return Restored(list(kept), orphans, set_aside_to)
 
     def publish(self, result: SusceptibilityResult,
                 extra_scalars: dict[str, float] | None = None) -> dict[str, float]:
-        """Save ``result``, add it to the series and log it; returns the scalars logged."""
+        """Save ``result`` (with ``extra_scalars``, e.g. its timing, so that a rebuilt
+        TensorBoard run shows them too), add it to the series and log it; returns the
+        scalars logged."""
+        if extra_scalars:
+            result.extra[EXTRA_SCALARS] = dict(extra_scalars)
         self.store.save(result)
-        return self._log(result, extra_scalars)
+        return self._log(result)
 
-    def rebuild(self) -> int:
+    def rebuild(self, on_damaged: OnDamaged | None = None) -> int:
         """Replace the TensorBoard run by one built from every result in the store
-        (idempotent); returns the number of snapshots logged."""
-        drop_events_after(self.log_dir, None)
-        remove_projector(self.log_dir)
-        self.series = SnapshotSeries(self.series.n_pcs, self.series.standardization)
-        results = self.store.load_all()
-        for result in results:
-            self._log(result, None)
+        (idempotent); returns the number of snapshots logged. ``on_damaged``: as in
+        :meth:`RunStore.load_all`."""
+        results = self.store.load_all(on_damaged=on_damaged)
+        self._relog(results)
         return len(results)
 
     def close(self) -> None:
         self.logger.close()
 
-    def _log(self, result: SusceptibilityResult, extra_scalars: dict[str, float] | None
-             ) -> dict[str, float]:
+    def _relog(self, results: list[SusceptibilityResult]) -> None:
+        """Drop this library's TensorBoard events and projector, then log ``results``
+        afresh."""
+        drop_events(self.log_dir)
+        remove_projector(self.log_dir)
+        self.series = SnapshotSeries(self.series.n_pcs, self.series.standardization)
+        for result in results:
+            self._log(result)
+
+    def _log(self, result: SusceptibilityResult) -> dict[str, float]:
         pca = self.series.add(result)
-        scalars = {**snapshot_scalars(result, pca), **(extra_scalars or {})}
+        scalars = {**snapshot_scalars(result, pca), **result.extra.get(EXTRA_SCALARS, {})}
         self.logger.log_snapshot(result, pca, self.series, scalars)
         return scalars

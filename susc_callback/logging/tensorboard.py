@@ -149,14 +149,15 @@ class TensorBoardLogger:
             self._writer = None
 
 
-def drop_events_after(log_dir: str | Path, last_step: int | None) -> int:
-    """Remove this library's events with ``step > last_step`` (all if None) from the event
-    files in ``log_dir``, so a resumed run shows no orphaned or duplicated points. Other
-    writers' files (the Trainer's) are left alone. Returns the number of events dropped."""
+def drop_events(log_dir: str | Path) -> int:
+    """Remove this library's events from the event files in ``log_dir`` before the run is
+    logged afresh from the saved results, so that it shows no orphaned or duplicated
+    points. Other writers' files (the Trainer's) are left alone. Returns the number of
+    events dropped."""
     dropped = 0
     for path in sorted(Path(log_dir).glob(f"events.out.tfevents.*{EVENT_FILE_SUFFIX}")):
         records = list(RawEventFileLoader(str(path)).Load())
-        kept = [r for r in records if _keep(r, last_step)]
+        kept = [r for r in records if event_pb2.Event.FromString(r).HasField("file_version")]
         if len(kept) == len(records):
             continue
         dropped += len(records) - len(kept)
@@ -168,13 +169,6 @@ def drop_events_after(log_dir: str | Path, last_step: int | None) -> int:
             writer.flush()
         temporary.replace(path)
     return dropped
-
-
-def _keep(record: bytes, last_step: int | None) -> bool:
-    event = event_pb2.Event.FromString(record)
-    if event.HasField("file_version"):
-        return True
-    return last_step is not None and event.step <= last_step
 
 
 def remove_projector(log_dir: str | Path) -> None:

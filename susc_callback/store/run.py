@@ -9,6 +9,7 @@
       susceptibility/            the run's results: a RunStore
         step-{N}/                one result (:mod:`susc_callback.store.files`)
         orphaned/{time}/step-{N} results set aside on resume (after the resumed step)
+        .lock                    held by the one process writing results (RunStore.writing)
 """
 
 from __future__ import annotations
@@ -17,17 +18,23 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from susc_callback.config import SGLDConfig
 from susc_callback.estimator.results import SusceptibilityResult
-from susc_callback.store.files import is_result_folder
+from susc_callback.store.files import PARTIAL_SUFFIX, ResultFileError, is_result_folder
 
 RESULTS_FOLDER = "susceptibility"
+LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+OnDamaged = Callable[[int, ResultFileError], None]
+"""Called with the step and the error of a damaged result that is left out of a series."""
 
 
 class RunStore:
@@ -67,10 +74,21 @@ class RunStore:
     def load(self, step: int) -> SusceptibilityResult:
         return SusceptibilityResult.load(self.step_dir(step))
 
-    def load_all(self, up_to: int | None = None) -> list[SusceptibilityResult]:
-        """Every saved result in step order (those at steps <= ``up_to``)."""
-        return [SusceptibilityResult.load(path) for step, path in self.saved_steps().items()
-                if up_to is None or step <= up_to]
+    def load_all(self, up_to: int | None = None, on_damaged: OnDamaged | None = None
+                 ) -> list[SusceptibilityResult]:
+        """Every saved result in step order (those at steps <= ``up_to``). A damaged one
+        raises :class:`ResultFileError`, or is left out after ``on_damaged(step, error)``."""
+        results = []
+        for step, path in self.saved_steps().items():
+            if up_to is not None and step > up_to:
+                continue
+            try:
+                results.append(SusceptibilityResult.load(path))
+            except ResultFileError as error:
+                if on_damaged is None:
+                    raise
+                on_damaged(step, error)
+        return results
 
     def set_aside(self, steps: list[int]) -> Path:
         """Move the results of ``steps`` to ``orphaned/{time}`` (kept, out of the series);
@@ -81,12 +99,47 @@ class RunStore:
             shutil.move(str(self.step_dir(step)), str(target / f"step-{step}"))
         return target
 
-    def copy_into_checkpoint(self, step: int, output_dir: str | Path) -> None:
+    def copy_into_checkpoint(self, step: int, output_dir: str | Path,
+                             only_if_missing: bool = False) -> None:
         """Copy the result of ``step`` into ``output_dir/checkpoint-{step}``, if both exist,
-        so that a checkpoint carries its own susceptibilities."""
+        so that a checkpoint carries its own susceptibilities. Atomic: copied beside the
+        target and renamed, so a kill mid-copy leaves no partial copy (``only_if_missing``:
+        keep a complete copy that is there already, e.g. when repairing after a resume)."""
         source, checkpoint = self.step_dir(step), checkpoint_dir(output_dir, step)
-        if source.is_dir() and checkpoint.is_dir():
-            shutil.copytree(source, checkpoint / RESULTS_FOLDER, dirs_exist_ok=True)
+        target = checkpoint / RESULTS_FOLDER
+        if not (is_result_folder(source) and checkpoint.is_dir()) or (
+                only_if_missing and is_result_folder(target)):
+            return
+        partial = target.with_name(target.name + PARTIAL_SUFFIX)
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
+        if target.exists():
+            shutil.rmtree(target)
+        partial.rename(target)
+
+    @contextmanager
+    def writing(self, wait_seconds: float = 0.0) -> Iterator[None]:
+        """Hold the run's write lock (``ROOT/.lock``): one writer of results and TensorBoard
+        events at a time. Another holder makes this wait up to ``wait_seconds``, then raise
+        :class:`RunInUseError`. The operating system releases the lock of a process that
+        dies, so a killed run never leaves the store locked."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.root / LOCK_FILE, timeout=wait_seconds)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RunInUseError(
+                f"{self.root} is being written by another process (a `susc analyze` or a "
+                "training run with SusceptibilityCallback on the same run directory); wait "
+                "for it to finish, or write to another directory") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+class RunInUseError(RuntimeError):
+    """Another process holds the write lock of a run's store."""
 
 
 def check_same_settings(result: SusceptibilityResult, config: SGLDConfig,
@@ -156,15 +209,17 @@ def checkpoint_step(path: str | Path) -> int:
                      "or keep its trainer_state.json")
 
 
-def load_results(source: str | Path) -> list[SusceptibilityResult]:
+def load_results(source: str | Path, on_damaged: OnDamaged | None = None
+                 ) -> list[SusceptibilityResult]:
     """One saved result, or every result of a run (``RUN/susceptibility/step-*``) or of a
-    store (``.../susceptibility``), in step order."""
+    store (``.../susceptibility``), in step order; ``on_damaged`` as in
+    :meth:`RunStore.load_all`."""
     source = Path(source)
     for single in (source, source / RESULTS_FOLDER):  # a result, or a checkpoint's copy
         if is_result_folder(single):
             return [SusceptibilityResult.load(single)]
     for store in (RunStore.of_run(source), RunStore(source)):
-        results = store.load_all()
+        results = store.load_all(on_damaged=on_damaged)
         if results:
             return results
     raise FileNotFoundError(f"no saved results in {source} (looked for a result folder, "
