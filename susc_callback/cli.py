@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import get_args, get_type_hints
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from susc_callback.analysis.compare import compare_results
 from susc_callback.analysis.pca import STANDARDIZATIONS
@@ -34,6 +35,7 @@ from susc_callback.store.files import ResultFileError, is_result_folder
 from susc_callback.store.run import (
     RunInUseError,
     RunStore,
+    check_one_series,
     check_same_probe,
     check_same_settings,
     default_log_dir,
@@ -54,38 +56,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, ValueError, OSError, RunInUseError) as error:
         print(f"susc {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resumable = " (every finished checkpoint is saved: run the same command again to " \
+                    "continue)" if args.command == "analyze" else ""
+        print(f"\nsusc {args.command}: interrupted{resumable}", file=sys.stderr)
+        return 130
 
 
 # -- analyze ---------------------------------------------------------------------------------
 
+SERIES_REMEDY = ("use the same flags, --force to recompute every checkpoint of the series, or "
+                 "--out DIR to start a new series")
+
+
 def analyze(args: argparse.Namespace) -> int:
     checkpoints = find_checkpoints(args.run_dir, args.checkpoints)
-    store = RunStore.of_run(args.run_dir)
+    out = Path(args.out) if args.out else Path(args.run_dir)
+    store = RunStore.of_run(out)
     with store.writing():  # one analysis of a run at a time
-        return _analyze(args, store, checkpoints)
+        return _analyze(args, store, checkpoints, out)
 
 
-def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, Path]) -> int:
+def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, Path],
+             out: Path) -> int:
     """Estimate every checkpoint without a result, then rebuild the TensorBoard run."""
-    run_dir = Path(args.run_dir)
-    tokenizer = _load_tokenizer(args.tokenizer, run_dir, checkpoints)
+    if args.no_progress or not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars
+    tokenizer = _load_tokenizer(args.tokenizer, Path(args.run_dir), checkpoints)
     probe = ProbeSet.from_jsonl(args.probe, tokenizer, max_length=args.max_length)
     sampling = ProbeSet.from_jsonl(args.sampling_data, tokenizer, max_length=args.max_length,
                                    what="sampling data")
     config = _config(args)
     components = args.components or "heads"
     probe_texts = probe_token_texts(probe, tokenizer)
+    todo = _steps_to_compute(store, checkpoints, args, config, components, probe)
     failures = []
-    for step, path in tqdm(checkpoints.items(), desc="checkpoints", unit="ckpt",
-                           disable=not sys.stderr.isatty()):
-        if store.has(step) and not args.force:
-            try:
-                _check_saved(store, step, config, components, probe)
-                print(f"step {step}: done already ({store.step_dir(step)})")
-                continue
-            except ResultFileError as error:  # the store is a cache: compute it again
-                print(f"step {step}: saved result is damaged ({error.problem}); recomputing",
-                      file=sys.stderr)
+    for index, (step, path) in enumerate(checkpoints.items(), 1):
+        if step not in todo:
+            print(f"step {step}: done already ({store.step_dir(step)})")
+            continue
+        print(f"step {step}: estimating (checkpoint {index} of {len(checkpoints)})",
+              flush=True)
+        start = time.perf_counter()
         try:
             model = _load_model(path, tokenizer)
             result = estimate_susceptibilities(model, components, sampling.tensors, probe,
@@ -100,8 +112,9 @@ def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, P
             raise CommandError(f"{path}: {error}") from error
         result.extra.update(checkpoint=str(path), components=components,
                             probe_tokens=probe_texts)
-        print(f"step {step}: saved {store.save(result)}")
-    log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(run_dir)
+        print(f"step {step}: saved {store.save(result)} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(out)
     publisher = SnapshotPublisher(store, log_dir, args.n_pcs, args.standardization)
     try:
         publisher.rebuild(_skip_damaged if args.keep_going else None)
@@ -112,6 +125,29 @@ def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, P
         print("failed checkpoints:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _steps_to_compute(store: RunStore, checkpoints: dict[int, Path], args: argparse.Namespace,
+                      config: SGLDConfig, components: str, probe: ProbeSet) -> set[int]:
+    """The checkpoints to estimate. Every saved result that stays in the series is checked
+    against this analysis first, so that nothing is computed for a series that would then
+    be refused; a damaged one is computed again when its checkpoint is at hand."""
+    todo = set(checkpoints) if args.force else set()
+    for step, path in store.saved_steps().items():
+        if step in todo:
+            continue
+        try:
+            _check_saved(store.load(step), path, config, components, probe)
+        except ResultFileError as error:
+            if step not in checkpoints:
+                if args.keep_going:
+                    continue  # left out of the TensorBoard run, named there
+                raise CommandError(f"{error} (no checkpoint-{step} to compute it again "
+                                   "from; --keep-going leaves it out)") from error
+            print(f"step {step}: saved result is damaged ({error.problem}); recomputing",
+                  file=sys.stderr)
+            todo.add(step)
+    return todo | {step for step in checkpoints if not store.has(step)}
 
 
 def _load_tokenizer(name: str | None, run_dir: Path, checkpoints: dict[int, Path]) -> object:
@@ -131,7 +167,7 @@ def _load_model(path: Path, tokenizer: object | None) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path))  # sampled in float32
     except Exception as error:
         raise CommandError(f"checkpoint {path} is unreadable: {error}") from error
     vocab = getattr(model.config, "vocab_size", None)
@@ -150,14 +186,13 @@ def _config(args: argparse.Namespace) -> SGLDConfig:
     return SGLDConfig.from_dict(values)
 
 
-def _check_saved(store: RunStore, step: int, config: SGLDConfig, components: str,
+def _check_saved(saved: SusceptibilityResult, path: Path, config: SGLDConfig, components: str,
                  probe: ProbeSet) -> None:
-    saved, path = store.load(step), store.step_dir(step)
-    check_same_settings(saved, config, saved.component_names, path)
+    check_same_settings(saved, config, saved.component_names, path, SERIES_REMEDY)
     if saved.extra.get("components") not in (None, components):
         raise CommandError(f"{path} holds components {saved.extra['components']!r}, not "
-                           f"{components!r}; use --force to recompute the series")
-    check_same_probe(saved, probe.input_ids.numpy(), path)
+                           f"{components!r}; {SERIES_REMEDY}")
+    check_same_probe(saved, probe.input_ids.numpy(), path, SERIES_REMEDY)
 
 
 # -- report and compare ----------------------------------------------------------------------
@@ -169,6 +204,8 @@ def _skip_damaged(step: int, error: ResultFileError) -> None:
 def report(args: argparse.Namespace) -> int:
     source = Path(args.path)
     results = load_results(source, _skip_damaged if args.keep_going else None)
+    check_one_series(results, "report one series at a time, or make the series whole with "
+                              "susc analyze --force")
     out = Path(args.out) if args.out else (
         source.parent / f"{source.name}-report" if is_result_folder(source)
         else source / "report")
@@ -216,6 +253,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, options in _config_flags().items():
         run.add_argument(f"--{name.replace('_', '-')}", default=None, **options)
     run.add_argument("--force", action="store_true", help="recompute finished checkpoints")
+    run.add_argument("--out", help="folder that receives susceptibility/ and runs/ "
+                                   "(default RUN_DIR): a new series beside the run's")
     run.add_argument("--keep-going", action="store_true",
                      help="skip unreadable checkpoints and damaged saved results instead of "
                           "stopping")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def analyze(run_dir: Path, *extra: str) -> int:
                      "--sampling-data", str(root / "train.jsonl"), *SGLD, *extra])
 
 
-def test_interrupted_analysis_resumes_to_the_uninterrupted_result(run, tmp_path, monkeypatch):
+def test_interrupted_analysis_resumes_to_the_uninterrupted_result(run, tmp_path, monkeypatch,
+                                                                   capsys):
     import shutil
 
     reference = tmp_path / "reference" / "run"
@@ -65,8 +67,11 @@ def test_interrupted_analysis_resumes_to_the_uninterrupted_result(run, tmp_path,
         return engine(*args, **kwargs)
 
     monkeypatch.setattr(cli, "estimate_susceptibilities", interrupted_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        analyze(run)
+    capsys.readouterr()
+    assert analyze(run) == 130  # Ctrl-C: one line, no traceback
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "susc analyze: interrupted (every finished checkpoint is saved: run the same command "
+        "again to continue)"]
     assert sorted(RunStore.of_run(run).saved_steps()) == [10]
 
     calls.clear()
@@ -86,7 +91,8 @@ def test_interrupted_analysis_resumes_to_the_uninterrupted_result(run, tmp_path,
 def test_analysis_refuses_to_mix_settings_unless_forced(run, capsys):
     assert analyze(run, "--checkpoints", "checkpoint-10") == 0
     assert analyze(run, "--checkpoints", "checkpoint-10", "--step-size", "2e-3") == 2
-    assert "other components or SGLD settings" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "step_size=0.001 (now 0.002)" in error and "--out DIR" in error
     assert analyze(run, "--checkpoints", "checkpoint-10", "--step-size", "2e-3", "--force") == 0
 
 
@@ -180,13 +186,6 @@ def test_clear_errors(run, tmp_path, capsys):
     assert sorted(RunStore.of_run(run).saved_steps()) == [10, 20, 30]
     assert "checkpoint-15" in capsys.readouterr().err
 
-    long_probe = tmp_path / "long.jsonl"
-    write_jsonl(long_probe, torch.zeros(2, CONTEXT + 5, dtype=torch.long), ["a", "b"])
-    code = cli.main(["analyze", str(run), "--checkpoints", "checkpoint-10", "--force",
-                     "--probe", str(long_probe), "--sampling-data",
-                     str(tmp_path / "train.jsonl"), *SGLD])
-    assert code == 2 and "more than the model's context" in capsys.readouterr().err
-
 
 def char_tokenizer(size: int):
     """A character-level tokenizer of ``size`` tokens, built locally (no hub)."""
@@ -275,3 +274,45 @@ def test_damaged_results_are_named_and_skipped_on_request(run, tmp_path, capsys)
     assert analyze(run) == 0  # the store is a cache: a damaged step is computed again
     assert "step 20: saved result is damaged" in capsys.readouterr().err
     assert len(RunStore.of_run(run).load_all()) == 3
+
+
+def test_a_mixed_series_is_refused_before_anything_is_computed(run, tmp_path, capsys,
+                                                              monkeypatch):
+    assert analyze(run, "--checkpoints", "checkpoint-10") == 0
+    calls = []
+    monkeypatch.setattr(cli, "estimate_susceptibilities", lambda *a, **k: calls.append(1))
+    capsys.readouterr()
+    assert analyze(run, "--num-draws", "5") == 2  # new checkpoints, other settings
+    assert calls == [] and list(RunStore.of_run(run).saved_steps()) == [10]
+    assert "num_draws=3 (now 5)" in capsys.readouterr().err
+    assert analyze(run, "--checkpoints", "checkpoint-20", "--num-draws", "5", "--force") == 2
+    assert calls == []  # --force recomputes checkpoint-20 only: step 10 would stay mixed
+    monkeypatch.undo()
+
+    out = tmp_path / "other-series"
+    assert analyze(run, "--num-draws", "5", "--out", str(out)) == 0  # a new series
+    assert sorted(RunStore.of_run(out).saved_steps()) == [10, 20, 30]
+    assert any((out / "runs" / "susceptibility").glob("events.out.tfevents.*"))
+    assert list(RunStore.of_run(run).saved_steps()) == [10]
+
+
+def test_report_refuses_a_mixed_series(run, tmp_path, capsys):
+    assert analyze(run, "--checkpoints", "checkpoint-10") == 0
+    other = tmp_path / "other"
+    assert analyze(run, "--checkpoints", "checkpoint-20", "--num-draws", "5", "--out",
+                   str(other)) == 0
+    shutil.copytree(other / "susceptibility" / "step-20", run / "susceptibility" / "step-20")
+    capsys.readouterr()
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err
+    assert "step 20, against step 10" in error and "num_draws=5 (now 3)" in error
+
+
+def test_context_hint_names_the_flag(run, tmp_path, capsys):
+    long_probe = write_jsonl(tmp_path / "long.jsonl",
+                             torch.zeros(2, CONTEXT + 5, dtype=torch.long), ["a", "b"])
+    code = cli.main(["analyze", str(run), "--probe", str(long_probe), "--sampling-data",
+                     str(tmp_path / "train.jsonl"), *SGLD])
+    error = capsys.readouterr().err
+    assert code == 2 and "more than the model's context" in error
+    assert f"--max-length {CONTEXT} in susc analyze" in error

@@ -127,4 +127,6 @@ def check_fits_model(model: nn.Module, batch: dict, what: str) -> None:
         config, "max_position_embeddings", None)
     if context is not None and ids.shape[-1] > context:
         raise ValueError(f"{what} sequences have {ids.shape[-1]} tokens, more than the model's "
-                         f"context of {context}; truncate them (e.g. max_length={context})")
+                         f"context of {context}; truncate them to {context} tokens "
+                         f"(max_length={context} in ProbeSet.from_texts / from_jsonl, "
+                         f"--max-length {context} in susc analyze)")

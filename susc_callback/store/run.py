@@ -143,24 +143,51 @@ class RunInUseError(RuntimeError):
 
 
 def check_same_settings(result: SusceptibilityResult, config: SGLDConfig,
-                        components: list[str], path: str | Path) -> None:
+                        components: list[str], path: str | Path,
+                        remedy: str = "resume with the same settings, or write to a new "
+                                      "output directory") -> None:
     """Refuse to mix, in one series, a saved result computed with other components or with
     other values of the fields that define the estimate (``SGLDConfig.estimate_settings``;
-    fields that only say how it is run, e.g. ``workers``, may differ)."""
+    fields that only say how it is run, e.g. ``workers``, may differ). The error names
+    every difference, then ``remedy``."""
     wanted = config.estimate_settings()
-    saved = {name: result.config.get(name) for name in wanted}
-    if saved != wanted or list(result.component_names) != list(components):
+    differences = [f"{name}={result.config.get(name)!r} (now {value!r})"
+                   for name, value in wanted.items() if result.config.get(name) != value]
+    if list(result.component_names) != list(components):
+        differences.append(f"components {_names(result.component_names)} (now "
+                           f"{_names(components)})")
+    if differences:
         raise ValueError(f"The saved snapshot {path} was computed with other components or SGLD "
-                         "settings than this run's; use the same settings, or write to a new "
-                         "output directory (or overwrite with --force in the CLI)")
+                         f"settings than this run's: {'; '.join(differences)}. One series "
+                         f"shares them: {remedy}")
+
+
+def check_one_series(results: list[SusceptibilityResult], remedy: str) -> None:
+    """Refuse results that cannot be one series: other settings, components or probe than
+    the first (e.g. a store that was written by two analyses)."""
+    first = results[0]
+    config = SGLDConfig.from_dict(first.config)
+    for result in results[1:]:
+        where = f"step {result.step}" if result.step is not None else "a result"
+        check_same_settings(result, config, first.component_names,
+                            f"({where}, against step {first.step})", remedy)
+        check_same_probe(result, first.probe_input_ids, f"({where})", remedy)
+
+
+def _names(names: list[str]) -> str:
+    return str(list(names)) if len(names) <= 4 else f"[{', '.join(names[:3])}, ... " \
+        f"({len(names)} in all)]"
 
 
 def check_same_probe(result: SusceptibilityResult, probe_input_ids: np.ndarray,
-                     path: str | Path) -> None:
+                     path: str | Path, remedy: str) -> None:
     """Refuse to mix results computed on another probe set."""
     if not np.array_equal(result.probe_input_ids, probe_input_ids):
-        raise ValueError(f"{path} was computed on another probe set; use --force to "
-                         "recompute the series")
+        raise ValueError(f"{path} was computed on another probe set "
+                         f"({result.probe_input_ids.shape[0]} sequences x "
+                         f"{result.probe_input_ids.shape[1]} tokens, now "
+                         f"{probe_input_ids.shape[0]} x {probe_input_ids.shape[1]} or other "
+                         f"tokens); {remedy}")
 
 
 def default_log_dir(run_dir: str | Path) -> Path:
