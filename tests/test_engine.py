@@ -59,6 +59,14 @@ def test_engine_matches_brute_force_reference(gpt2, probe, sampling_ids, config,
         # tokens in different orders, so phi and chi agree to a few ulps, not bitwise.
         np.testing.assert_allclose(result.chi[row], chi.numpy(), rtol=1e-4, atol=2e-6)
         np.testing.assert_allclose(result.mean_phi[row], phi.mean().item(), rtol=1e-4, atol=2e-6)
+        # The covariance part, -Cov_C(phi, l_x - L) with the 1/n (population) normalisation,
+        # and the baseline correction that makes up the rest of chi.
+        covariance = -((phi[:, None] * delta).mean(0) - phi.mean() * delta.mean(0))
+        np.testing.assert_allclose(result.chi_covariance[row], covariance.numpy(), rtol=1e-4,
+                                   atol=2e-6)
+        baseline = -phi.mean() * (delta.mean(0) - e_full)
+        np.testing.assert_allclose(result.chi[row] - result.chi_covariance[row],
+                                   baseline.numpy(), rtol=1e-3, atol=4e-6)
 
 
 def _model_state(model):

@@ -69,7 +69,7 @@ def test_damaged_arrays_without_checksum_are_refused(saved):
     (lambda text: text[:len(text) // 2], "meta.json is not valid JSON"),
     (lambda text: "", "meta.json is not valid JSON"),
     (lambda text: "[1, 2]", "holds a list, not an object"),
-    (lambda text: text.replace('"format_version": 1', '"format_version": 9'),
+    (lambda text: text.replace('"format_version": 2', '"format_version": 9'),
      "unsupported result format 9"),
 ])
 def test_damaged_metadata_is_refused(saved, damage, problem):
@@ -105,3 +105,13 @@ def test_an_intact_result_loads_exactly(saved):
     _rewrite(saved)  # the checksum of a rewrite is the checksum of the same bytes
     first, again = SusceptibilityResult.load(saved), SusceptibilityResult.load(saved)
     assert np.array_equal(first.chi, again.chi)
+
+
+def test_a_format_1_result_loads_without_the_covariance_part(saved):
+    def to_format_1(arrays):
+        arrays.pop("chi_covariance")
+    _rewrite(saved, to_format_1, lambda meta: meta.update(format_version=1))
+    loaded = SusceptibilityResult.load(saved)
+    assert loaded.chi_covariance is None and loaded.subset(loaded.component_names[:2])
+    loaded.save(saved)  # and saves again without it
+    assert SusceptibilityResult.load(saved).chi_covariance is None

@@ -8,6 +8,7 @@ with ``(s, t) = (token_sequence[i], token_position[i])``.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 
 import numpy as np
@@ -18,11 +19,14 @@ Decode = Callable[[int], str]
 """Token id -> printable text."""
 
 
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def visible(text: str) -> str:
-    """``text`` with backslashes and whitespace control characters escaped, so that it
-    survives tables and TSV files."""
-    return (text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-            .replace("\r", "\\r"))
+    """``text`` with backslashes and control characters escaped (``\\n``, ``\\x00``), so
+    that it survives tables, TSV files and HTML (no NUL bytes)."""
+    return "".join(_ESCAPES.get(char) or (f"\\x{ord(char):02x}" if unicodedata.category(char)
+                                          == "Cc" else char) for char in text)
 
 
 def stored_decoder(result: SusceptibilityResult) -> Decode:

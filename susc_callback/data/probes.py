@@ -188,4 +188,30 @@ def probe_token_texts(probe: ProbeSet, tokenizer: object | None) -> list[list[st
 
 def decode_each(rows: Sequence[Sequence[int]], tokenizer: object) -> list[list[str]]:
     """Every token id decoded on its own: ``[row][position]`` text."""
-    return [[tokenizer.decode([int(t)]) for t in row] for row in rows]
+    cache: dict[int, str] = {}
+    return [[cache.setdefault(int(t), token_text(tokenizer, int(t))) for t in row]
+            for row in rows]
+
+
+def token_text(tokenizer: object, token_id: int) -> str:
+    """The text of one token. A byte-level token that is only part of a UTF-8 character
+    decodes to U+FFFD; it is shown by its bytes instead (``<e2 80>``), so that different
+    tokens stay distinguishable and no replacement characters reach a page."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    raw = _byte_level_bytes(tokenizer, token_id)
+    return f"<{raw.hex(' ')}>" if raw is not None else text
+
+
+def _byte_level_bytes(tokenizer: object, token_id: int) -> bytes | None:
+    """The bytes of a byte-level BPE token (GPT-2's byte-to-character table), if it is one."""
+    try:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+    except (ImportError, AttributeError, TypeError):
+        return None
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    if not isinstance(piece, str) or any(char not in byte_of for char in piece):
+        return None
+    return bytes(byte_of[char] for char in piece)

@@ -17,16 +17,16 @@ META_FIELDS = ("component_names", "dataset_names", "sequence_datasets", "llc_ful
 
 
 def check_result_fields(path: str | Path, meta: dict[str, Any], arrays: dict[str, np.ndarray],
-                        array_names: tuple[str, ...]) -> None:
-    """Raise :class:`ResultFileError` naming ``path`` unless ``meta`` and ``arrays`` form
-    one consistent result."""
+                        array_names: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    """Raise :class:`ResultFileError` naming ``path`` unless ``meta`` and ``arrays`` (the
+    ``array_names``, and any of the ``optional`` ones) form one consistent result."""
     def fail(problem: str) -> None:
         raise ResultFileError(path, problem)
 
-    for what, have, wanted in (("meta.json", meta, META_FIELDS),
-                               ("arrays.safetensors", arrays, array_names)):
+    for what, have, wanted, allowed in (("meta.json", meta, META_FIELDS, ()),
+                                        ("arrays.safetensors", arrays, array_names, optional)):
         missing = [key for key in wanted if key not in have]
-        unknown = [key for key in have if key not in wanted]
+        unknown = [key for key in have if key not in wanted + allowed]
         if missing or unknown:
             fail(f"{what} lacks {missing} / has unexpected {unknown}")
     for key in ("component_names", "dataset_names", "sequence_datasets"):
@@ -50,14 +50,15 @@ def check_result_fields(path: str | Path, meta: dict[str, Any], arrays: dict[str
     ids = arrays["probe_input_ids"]
     positions = ids.shape[1] if ids.ndim == 2 else -1
     traces = arrays["loss_traces"].shape[1:]
-    expected = {"chi": (components, tokens), "dataset_chi": (components, datasets),
+    expected = {"chi": (components, tokens), "chi_covariance": (components, tokens),
+                "dataset_chi": (components, datasets),
                 "rllc": (components,), "mean_phi": (components,),
                 "anchor_loss": (components,), "loss_traces": (components, *traces),
                 "full_loss_trace": traces, "token_sequence": (tokens,),
                 "token_position": (tokens,), "probe_input_ids": (sequences, positions),
                 "probe_attention_mask": (sequences, positions)}
     for key, shape in expected.items():
-        if arrays[key].shape != shape or len(traces) != 2:
+        if key in arrays and arrays[key].shape != shape or len(traces) != 2:
             fail(f"{key} has shape {arrays[key].shape}, but {components} component names, "
                  f"{datasets} dataset names, {sequences} probe sequences and "
                  f"{tokens} probe tokens make it {shape}")

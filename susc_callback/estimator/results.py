@@ -12,13 +12,19 @@ import torch
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
 from susc_callback.estimator.result_checks import check_result_fields
-from susc_callback.estimator.sums import DrawSums, susceptibilities
+from susc_callback.estimator.sums import (
+    DrawSums,
+    covariance_susceptibilities,
+    susceptibilities,
+)
 from susc_callback.store.files import ResultFileError, read_folder, write_folder
 
 _ARRAYS = ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces",
            "full_loss_trace", "token_sequence", "token_position", "probe_input_ids",
            "probe_attention_mask")
-_FORMAT_VERSION = 1
+_OPTIONAL_ARRAYS = ("chi_covariance",)
+_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 has no chi_covariance
 
 
 @dataclass
@@ -32,6 +38,10 @@ class SusceptibilityResult:
     Attributes:
         component_names: C names, rows of every matrix.
         chi: ``(C, P)`` per-token susceptibilities (NaN rows for failed components).
+        chi_covariance: ``(C, P)`` its covariance part ``-Cov_C(phi, l_x - L)``, without the
+            baseline correction ``-E_C[phi] (E_C - E_full)[l_x - L]`` (see
+            :mod:`~susc_callback.estimator.sums`); None in results saved before it was
+            stored.
         dataset_names: D probe dataset labels.
         dataset_chi: ``(C, D)`` mean of ``chi`` over each dataset's tokens.
         rllc: ``(C,)`` refined local learning coefficients, ``n_beta * E_C[phi]``.
@@ -69,6 +79,7 @@ class SusceptibilityResult:
     step: int | None = None
     failed: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    chi_covariance: np.ndarray | None = None
 
     @property
     def token_dataset(self) -> np.ndarray:
@@ -96,7 +107,7 @@ class SusceptibilityResult:
         rows = [self.component_names.index(n) for n in names]
         return replace(self, component_names=list(names),
                        failed={n: r for n, r in self.failed.items() if n in names},
-                       **{key: getattr(self, key)[rows] for key in _PER_COMPONENT})
+                       **{key: _rows(getattr(self, key), rows) for key in _PER_COMPONENT})
 
     @classmethod
     def from_sums(cls, sums: dict[str, DrawSums], full: DrawSums, probe: ProbeSet,
@@ -108,10 +119,11 @@ class SusceptibilityResult:
         it varied per draw. Failed components get NaN rows."""
         names = list(sums)
         chi = np.full((len(names), len(token_sequence)), np.nan)
-        mean_phi = np.full(len(names), np.nan)
+        chi_covariance, mean_phi = chi.copy(), np.full(len(names), np.nan)
         for row, name in enumerate(names):
             if name not in failed:
                 chi[row] = susceptibilities(sums[name], full)
+                chi_covariance[row] = covariance_susceptibilities(sums[name])
                 mean_phi[row] = sums[name].mean_phi()
         datasets = probe.dataset_names
         per_sequence = np.array([datasets.index(d) for d in probe.datasets])
@@ -133,7 +145,7 @@ class SusceptibilityResult:
             token_position=token_position.astype(np.int64),
             probe_input_ids=ids, probe_attention_mask=mask,
             sequence_datasets=list(probe.datasets), config=config.to_dict(), step=step,
-            failed=dict(failed))
+            failed=dict(failed), chi_covariance=chi_covariance)
 
     def save(self, path: str | Path) -> Path:
         """Write the result into folder ``path`` (safetensors arrays + JSON metadata),
@@ -142,7 +154,9 @@ class SusceptibilityResult:
                 "dataset_names": self.dataset_names, "sequence_datasets": self.sequence_datasets,
                 "llc_full": self.llc_full, "config": self.config, "step": self.step,
                 "failed": self.failed, "extra": self.extra}
-        return write_folder(path, {name: getattr(self, name) for name in _ARRAYS}, meta)
+        arrays = {name: getattr(self, name) for name in _ARRAYS + _OPTIONAL_ARRAYS
+                  if getattr(self, name) is not None}
+        return write_folder(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> SusceptibilityResult:
@@ -150,10 +164,10 @@ class SusceptibilityResult:
         :class:`~susc_callback.store.files.ResultFileError` naming it."""
         arrays, meta = read_folder(path)
         version = meta.pop("format_version", None)
-        if version != _FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise ResultFileError(path, f"unsupported result format {version!r} (this "
-                                        f"version reads format {_FORMAT_VERSION})")
-        check_result_fields(path, meta, arrays, _ARRAYS)
+                                        f"version reads formats {_READABLE_VERSIONS})")
+        check_result_fields(path, meta, arrays, _ARRAYS, _OPTIONAL_ARRAYS)
         return cls(**meta, **arrays)
 
 
@@ -168,7 +182,12 @@ def mean_per_dataset(values: np.ndarray, token_dataset: np.ndarray, count: int) 
     return means
 
 
-_PER_COMPONENT = ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces")
+_PER_COMPONENT = ("chi", "chi_covariance", "dataset_chi", "rllc", "mean_phi", "anchor_loss",
+                  "loss_traces")
+
+
+def _rows(values: np.ndarray | None, rows: list[int]) -> np.ndarray | None:
+    return None if values is None else values[rows]
 
 
 def merge_results(parts: list[SusceptibilityResult], order: list[str]) -> SusceptibilityResult:
@@ -189,7 +208,8 @@ def merge_results(parts: list[SusceptibilityResult], order: list[str]) -> Suscep
     missing = [name for name in order if name not in row_of]
     if missing or len(order) != len(row_of):
         raise ValueError(f"order must name every merged component once; missing {missing}")
-    arrays = {key: np.stack([getattr(parts[row_of[n][0]], key)[row_of[n][1]] for n in order])
+    arrays = {key: None if any(getattr(p, key) is None for p in parts) else
+              np.stack([getattr(parts[row_of[n][0]], key)[row_of[n][1]] for n in order])
               for key in _PER_COMPONENT}
     failed = {name: reason for part in parts for name, reason in part.failed.items()}
     return replace(first, component_names=list(order), failed=failed, **arrays)

@@ -4,8 +4,13 @@ For a component C with draws of ``phi = L(w) - L(w*)``, the observable loss ``L`
 token losses ``l_x``, and the full chain's draws (ESTIMATOR.md)::
 
     chi[C, x] = -( E_C[phi * (l_x - L)] - E_C[phi] * E_full[l_x - L] )
+              = -Cov_C(phi, l_x - L)  -  E_C[phi] * (E_C - E_full)[l_x - L]
 
-Negative: the component expresses the pattern in token x; positive: it suppresses it.
+Negative: the component expresses the pattern in token x; positive: it suppresses it. The
+first term of the second line (:func:`covariance_susceptibilities`) is the component's own
+response; the second, the baseline correction, is one token profile (how far the
+component's chains stay from the full chain's) scaled by ``E_C[phi]``, nearly the same for
+every component.
 """
 
 from __future__ import annotations
@@ -69,3 +74,12 @@ def susceptibilities(component: DrawSums, full: DrawSums) -> np.ndarray:
     cov_term = (component.phi_token - component.phi_loss) / n
     baseline = (component.phi / n) * (full.token - full.loss) / n_full
     return (-(cov_term - baseline)).cpu().numpy()
+
+
+def covariance_susceptibilities(component: DrawSums) -> np.ndarray:
+    """``-Cov_C(phi, l_x - L)`` (P,): ``chi[C, :]`` without the baseline correction."""
+    n = component.count
+    mean_phi = component.phi / n
+    covariance = (component.phi_token - component.phi_loss) / n \
+        - mean_phi * (component.token - component.loss) / n
+    return (-covariance).cpu().numpy()

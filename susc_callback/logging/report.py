@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from susc_callback.analysis.attribution import extreme_tokens
+from susc_callback.analysis.attribution import extreme_tokens, visible
 from susc_callback.analysis.pca import Standardization
 from susc_callback.analysis.run_summary import RunSummary, summarize_run
 from susc_callback.data.probes import decode_each
@@ -45,15 +45,15 @@ def token_colour(value: float, scale: float) -> tuple[int, int, int]:
 
 def _probe_texts(result: SusceptibilityResult, tokenizer: object | None
                  ) -> list[list[str]]:
-    """The text of every probe token ``[sequence][position]``: stored in the result by the
-    callback and the CLI, else decoded with ``tokenizer``, else ``<id>``."""
-    stored = result.extra.get("probe_tokens")
-    if stored is not None:
-        return stored
+    """The printable text of every probe token ``[sequence][position]``: stored in the
+    result by the callback and the CLI, else decoded with ``tokenizer``, else ``<id>``
+    (control characters escaped: no NUL bytes in the page)."""
+    texts = result.extra.get("probe_tokens")
     ids = result.probe_input_ids
-    if tokenizer is None:
-        return [[f"<{int(t)}>" for t in row] for row in ids]
-    return decode_each(ids, tokenizer)
+    if texts is None:
+        texts = decode_each(ids, tokenizer) if tokenizer is not None else [
+            [f"<{int(t)}>" for t in row] for row in ids]
+    return [[visible(text) for text in row] for row in texts]
 
 
 def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
