@@ -115,20 +115,17 @@ def test_run_only_settings_may_change_between_runs(run, capsys):
 
 
 class Spans(HTMLParser):
-    """Collects (component block, token index, value, background) of the token view."""
+    """Collects (token index, value, background) of the token view's inline colours."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.block, self.spans = None, []
+        self.spans = []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "div" and "data-component" in attrs:
-            self.block = int(attrs["data-component"])
         if tag == "span" and "data-token" in attrs:
             rgb = tuple(int(v) for v in re.findall(r"\d+", attrs["style"]))
-            self.spans.append((self.block, int(attrs["data-token"]),
-                               float(attrs["data-value"]), rgb))
+            self.spans.append((int(attrs["data-token"]), float(attrs["data-value"]), rgb))
 
 
 def test_report_token_colours_follow_the_saved_numbers(run, tmp_path):
@@ -141,15 +138,24 @@ def test_report_token_colours_follow_the_saved_numbers(run, tmp_path):
     for name in ("heatmap", "pc_loadings", "explained_variance", "tokens_pc1_pc2_by_step",
                  "llc"):
         assert (tmp_path / "report" / "figures" / f"{name}.png").is_file()
+    results = [SusceptibilityResult.load(run / "susceptibility" / f"step-{s}")
+               for s in (10, 20, 30)]
+    last = results[-1]
+    # The inline colours: the last snapshot, first component, default quantity.
+    chi = last.chi - last.chi.mean(axis=1, keepdims=True)  # structural-inference
+    u = (last.chi - last.chi_covariance) / last.mean_phi[:, None]
+    layers = [name[:2] for name in last.component_names]  # l0h*, l1h*
+    relative = np.stack([last.chi[c] - last.mean_phi[c] * u[[i for i, n in enumerate(layers)
+                                                              if n == layers[c]]].mean(0)
+                         for c in range(len(layers))])
+    expected = relative - relative.mean(axis=1, keepdims=True)
+    assert np.allclose(standardize(last.chi).T, chi)
     parser = Spans()
     parser.feed(page)
-    last = SusceptibilityResult.load(run / "susceptibility" / "step-30")
-    expected = last.chi - last.chi.mean(axis=1, keepdims=True)  # centred per component
-    assert np.allclose(standardize(last.chi).T, expected)
-    assert len(parser.spans) == expected.size
-    for block, token, value, rgb in parser.spans:
-        assert value == pytest.approx(expected[block, token], rel=1e-5, abs=1e-12)
-        strongest = np.abs(expected[block]).max()
+    assert len(parser.spans) == expected.shape[1]
+    strongest = np.abs(expected[0]).max()
+    for token, value, rgb in parser.spans:
+        assert value == pytest.approx(expected[0, token], rel=1e-5, abs=1e-12)
         visible = abs(value) > 0.05 * strongest  # fainter shades round to near-white
         if visible and value > 0:
             assert rgb[1] > rgb[0] and rgb[1] > rgb[2]  # green
@@ -160,6 +166,18 @@ def test_report_token_colours_follow_the_saved_numbers(run, tmp_path):
         whiteness = min(rgb)
         assert whiteness == pytest.approx(255 - abs(value) / strongest * (255 - (26 if value > 0
                                           else 39)), abs=1.0)
+    # Every snapshot and quantity is embedded, each row within 1 % of its largest value.
+    data = json.loads(re.search(r'<script type="application/json" id="token-data">(.*?)'
+                                r"</script>", page, re.S).group(1))
+    assert data["steps"] == ["10", "20", "30"] and data["default"] == "relative-to-layer"
+    for result in results:
+        wanted = {"chi": result.chi - result.chi.mean(axis=1, keepdims=True),
+                  "covariance": result.chi_covariance
+                  - result.chi_covariance.mean(axis=1, keepdims=True)}
+        for quantity, values in wanted.items():
+            entry = data["values"][f"{result.step}|{quantity}"]
+            decoded = np.array(entry["rows"]) / 100 * np.array(entry["scale"])[:, None]
+            assert np.abs(decoded - values).max() <= 0.0051 * np.abs(values).max()
 
 
 def test_compare_a_result_with_itself(run, capsys):

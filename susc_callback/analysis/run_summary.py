@@ -13,7 +13,6 @@ from susc_callback.analysis.pca import (
     ConstantMatrixError,
     Standardization,
     SusceptibilityPCA,
-    standardize,
 )
 from susc_callback.analysis.series import SnapshotSeries
 from susc_callback.estimator.results import SusceptibilityResult
@@ -27,8 +26,6 @@ class RunSummary:
         results: the snapshots in step order (a result without a step first).
         shown: the snapshot of the token view.
         standardization: of every matrix below.
-        token_values: ``(C, P)`` ``shown``'s standardized susceptibilities (NaN rows for
-            failed components).
         shown_pca: the PCA of ``shown``, None with fewer than 2 finite components.
         series: PCs of the timed snapshots, aligned across them (None with fewer than 2).
         steps: ``(S,)`` steps of ``series``.
@@ -43,7 +40,6 @@ class RunSummary:
     results: list[SusceptibilityResult]
     shown: SusceptibilityResult
     standardization: Standardization
-    token_values: np.ndarray
     shown_pca: SusceptibilityPCA | None = None
     series: SnapshotSeries | None = None
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -67,7 +63,7 @@ def summarize_run(results: list[SusceptibilityResult], *, step: int | None = Non
     if shown is None:
         raise ValueError(f"No snapshot at step {step}; available steps: "
                          f"{[r.step for r in results]}")
-    summary = RunSummary(results, shown, standardization, _token_values(shown, standardization))
+    summary = RunSummary(results, shown, standardization)
     if shown.finite_components.sum() >= 2:
         try:
             summary.shown_pca = SusceptibilityPCA(n_pcs, standardization).fit(shown)
@@ -77,15 +73,6 @@ def summarize_run(results: list[SusceptibilityResult], *, step: int | None = Non
     if len(timed) >= 2:
         _add_trajectories(summary, timed, n_pcs, standardization)
     return summary
-
-
-def _token_values(result: SusceptibilityResult, standardization: Standardization
-                  ) -> np.ndarray:
-    finite = list(np.flatnonzero(result.finite_components))
-    values = np.full(result.chi.shape, np.nan)
-    if finite:
-        values[finite] = standardize(result.chi[finite], standardization).T
-    return values
 
 
 def _add_trajectories(summary: RunSummary, timed: list[SusceptibilityResult], n_pcs: int,

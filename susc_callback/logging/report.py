@@ -15,7 +15,6 @@ import base64
 import html
 from pathlib import Path
 
-import numpy as np
 from matplotlib.figure import Figure
 
 from susc_callback.analysis.attribution import extreme_tokens, visible
@@ -24,23 +23,13 @@ from susc_callback.analysis.run_summary import RunSummary, summarize_run
 from susc_callback.data.probes import decode_each
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.figures import (
-    NEGATIVE_RGB,
-    POSITIVE_RGB,
     curves_figure,
     heatmap_figure,
     loadings_figure,
     token_trajectory_figure,
     trajectory_figure,
 )
-
-
-def token_colour(value: float, scale: float) -> tuple[int, int, int]:
-    """Background of a token: white at 0, green (> 0) or red (< 0) at ``|value| = scale``."""
-    if not np.isfinite(value) or scale <= 0:
-        return (255, 255, 255)
-    weight = min(1.0, abs(value) / scale)
-    target = POSITIVE_RGB if value > 0 else NEGATIVE_RGB
-    return tuple(int(round(255 + weight * (c - 255))) for c in target)
+from susc_callback.logging.token_view import SCRIPT, token_view_section
 
 
 def _probe_texts(result: SusceptibilityResult, tokenizer: object | None
@@ -71,12 +60,12 @@ def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
     texts = _probe_texts(summary.shown, tokenizer)
     sections = [
         _header(title, summary),
-        _token_view(summary, texts),
+        token_view_section(summary, texts),
         *(_figure_section(name, caption, figure, out_dir)
           for name, (caption, figure) in _figures(summary).items()),
         _top_tokens_table(summary.shown, texts, top_tokens),
     ]
-    page = _PAGE.format(title=html.escape(title), body="\n".join(sections))
+    page = _PAGE.format(title=html.escape(title), body="\n".join(sections), script=SCRIPT)
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
@@ -129,50 +118,6 @@ def _header(title: str, summary: RunSummary) -> str:
             + (f"<p>Failed components at this step:</p><ul>{failed}</ul>" if failed else ""))
 
 
-def _token_view(summary: RunSummary, texts: list[list[str]]) -> str:
-    """Every probe sequence with each predicted token shaded, one block per component."""
-    result, values, standardization = summary.shown, summary.token_values, \
-        summary.standardization
-    finite = list(np.flatnonzero(result.finite_components))
-    where = {(int(s), int(t) + 1): i for i, (s, t) in
-             enumerate(zip(result.token_sequence, result.token_position))}
-    mask = result.probe_attention_mask
-    options, blocks = [], []
-    for row, name in enumerate(result.component_names):
-        scale = float(np.nanmax(np.abs(values[row]))) if row in finite else 0.0
-        options.append(f'<option value="{row}">{html.escape(name)}</option>')
-        lines = []
-        for s, tokens in enumerate(texts):
-            spans = []
-            for t, text in enumerate(tokens):
-                if not mask[s, t]:
-                    continue
-                i = where.get((s, t))
-                if i is None:
-                    spans.append(f'<span class="tok">{html.escape(text)}</span>')
-                    continue
-                value = values[row, i]
-                colour = "rgb({},{},{})".format(*token_colour(value, scale))
-                spans.append(
-                    f'<span class="tok" data-token="{i}" data-value="{value:.6g}" '
-                    f'style="background:{colour}" title="{html.escape(name)}: '
-                    f'{value:+.4g} (raw chi {result.chi[row, i]:+.4g})">'
-                    f"{html.escape(text)}</span>")
-            dataset = html.escape(result.sequence_datasets[s])
-            lines.append(f'<div class="seq"><span class="label">{dataset}</span>'
-                         f'{"".join(spans)}</div>')
-        hidden = "" if row == (finite[0] if finite else 0) else ' style="display:none"'
-        blocks.append(f'<div class="component" data-component="{row}"{hidden}>'
-                      f'{"".join(lines)}</div>')
-    return (f"<h2>Per-token attribution</h2><p>Each token is shaded by the {standardization}-"
-            "standardized susceptibility of the chosen component for predicting it: "
-            '<span class="key neg">red: expresses (&lt; 0)</span> '
-            '<span class="key pos">green: suppresses (&gt; 0)</span>, white: 0, intensity '
-            "relative to the component's largest magnitude. Hover for values.</p>"
-            f'<label>Component <select id="component">{"".join(options)}</select></label>'
-            f'<div class="tokens">{"".join(blocks)}</div>')
-
-
 def _figure_section(name: str, caption: str, figure: Figure, out_dir: Path) -> str:
     path = out_dir / "figures" / f"{name}.png"
     figure.savefig(path, dpi=110)
@@ -217,17 +162,6 @@ table {{ border-collapse: collapse; font-size: 13px; }}
 td, th {{ border: 1px solid #ccc; padding: 0.3em 0.5em; vertical-align: top; }}
 </style></head><body>
 {body}
-<script>
-const picker = document.getElementById("component");
-const blocks = document.querySelectorAll(".component");
-function show() {{
-  blocks.forEach(b => b.style.display = b.dataset.component === picker.value ? "" : "none");
-}}
-if (picker) {{
-  const visible = [...blocks].find(b => b.style.display !== "none");
-  if (visible) picker.value = visible.dataset.component;
-  picker.addEventListener("change", show);
-}}
-</script>
+<script>{script}</script>
 </body></html>
 """
