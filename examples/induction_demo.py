@@ -1,7 +1,7 @@
 """Train a 2-layer, 8-head GPT-2 on real local text and watch induction heads appear.
 
-    python examples/induction_demo.py --quick     # about 2 minutes on 2 CPU cores
-    python examples/induction_demo.py             # about 10 minutes: the documented run
+    python examples/induction_demo.py --quick     # about 2 min on an idle 2-core machine
+    python examples/induction_demo.py             # the documented run: 11-16 min on 2 cores
     python examples/induction_demo.py --full      # a GPU: more steps, chains and draws
 
 The corpus is built from this Python installation (``corpus.py``: stdlib code, language
@@ -38,7 +38,7 @@ from transformers.utils import logging as hf_logging
 
 from susc_callback import ProbeSet, Schedule, SGLDConfig, SusceptibilityCallback
 from susc_callback.logging.report import write_report
-from susc_callback.store.run import load_results
+from susc_callback.store.run import load_results, training_losses
 
 CONTEXT, VOCAB_SIZE, THRESHOLD = 64, 512, 0.3
 SCOPES = ("whole_model", "layer0", "layer1", "layer0_spectroscopy", "layer1_spectroscopy")
@@ -156,7 +156,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="about 2 minutes on a CPU")
+    group.add_argument("--quick", action="store_true", help="about 2 minutes on an idle 2-core CPU")
     group.add_argument("--full", action="store_true", help="the long run, for a GPU")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=Path("outputs/cache"))
@@ -196,7 +196,8 @@ def main() -> None:
     summary = summarize(results, heads.history, probe_tags(probe, tokenizer, results[-1]))
     (out / "findings.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
-    report = write_report(results, out / "report", title="Induction demo")
+    report = write_report(results, out / "report", title="Induction demo",
+                          training_loss=training_losses(out))
     print(f"\nTensorBoard: tensorboard --logdir {log_dir.parent}")
     print(f"report:      {report}")
     print(f"findings:    {out / 'findings.json'}")

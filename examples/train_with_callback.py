@@ -75,7 +75,7 @@ def main() -> None:
     last = snapshots[-1]
     print("final PC1 loadings: " + " ".join(
         f"{key.split('/')[-1]}:{value:+.2f}" for key, value in last.items()
-        if key.startswith("pc1_loading/")))
+        if key.startswith("aligned_pc1_loading/")))
     print(f"\nresults:     {callback.results_dir}")
     print(f"TensorBoard: tensorboard --logdir {callback.tensorboard_dir.parent}")
 

@@ -41,6 +41,7 @@ from susc_callback.store.run import (
     default_log_dir,
     find_checkpoints,
     load_results,
+    training_losses,
 )
 
 
@@ -214,7 +215,8 @@ def report(args: argparse.Namespace) -> int:
         tokenizer = _load_tokenizer(args.tokenizer, source, {})
     path = write_report(results, out, tokenizer=tokenizer, step=args.step, n_pcs=args.n_pcs,
                         standardization=args.standardization,
-                        title=f"Susceptibilities: {source.resolve().name}")
+                        title=f"Susceptibilities: {source.resolve().name}",
+                        training_loss=training_losses(source))
     print(f"report: {path}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -104,11 +105,17 @@ def test_training_is_bitwise_unchanged_by_snapshots(tmp_path, probe, device, wor
     assert all(p.requires_grad for p in watched.model.parameters())
 
 
-def test_tensorboard_run_holds_loss_and_susceptibilities(tmp_path, probe, monkeypatch):
+def test_tensorboard_run_holds_loss_and_susceptibilities(tmp_path, probe, monkeypatch,
+                                                         capsys):
     log_dir = tmp_path / "tb"
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(log_dir))
     trainer = make_trainer(tmp_path / "out", [make_callback(probe)])
     trainer.train()
+    printed = capsys.readouterr().out
+    for step in (2, 4, 6):  # each snapshot says when it starts and when it is saved
+        assert f"Susceptibility snapshot at step {step}: 4 components and the full chain, " \
+               "1 chains x 3 draws" in printed
+        assert re.search(rf"Susceptibility snapshot at step {step}: done in \d+ s", printed)
 
     accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0,
                                                                 "tensors": 0})
@@ -116,7 +123,8 @@ def test_tensorboard_run_holds_loss_and_susceptibilities(tmp_path, probe, monkey
     tags = accumulator.Tags()
     assert "train/loss" in tags["scalars"]
     for tag in ("susceptibility/a/l0h0", "susceptibility/b/l1h1", "rllc/l0h1", "llc/full",
-                "pc1_loading/l1h0", "pc_explained_variance/pc2", "snapshot/seconds",
+                "aligned_pc1_loading/l1h0", "aligned_pc2/explained_variance",
+                "aligned_pc2/variance_rank", "pc_spectrum/pc2", "snapshot/seconds",
                 "snapshot/time_share"):
         assert [e.step for e in accumulator.Scalars(tag)] == [2, 4, 6], tag
     assert {"figures/heatmap", "figures/pc_loadings", "figures/trajectory_pc1_pc2"} <= set(
@@ -166,7 +174,7 @@ def test_resume_continues_the_schedule_without_recomputing(tmp_path, probe, monk
     assert computed == [6, 8]
     assert sorted(RunStore.of_run(out).saved_steps()) == [2, 4, 6, 8]
     assert scalar_steps(log_dir, "susceptibility/a/l0h0") == [2, 4, 6, 8]
-    assert scalar_steps(log_dir, "pc1_loading/l0h0") == [2, 4, 6, 8]
+    assert scalar_steps(log_dir, "aligned_pc1_loading/l0h0") == [2, 4, 6, 8]
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, probe):

@@ -39,7 +39,7 @@ def test_resume_rebuilds_tensorboard_and_repairs_checkpoint_copies(tmp_path, pro
         make_trainer(out, [make_callback(probe, log_dir)], max_steps=8, save_steps=4).train(
             resume_from_checkpoint=str(out / "checkpoint-4"))
     assert projector_steps(log_dir) == [2, 4, 6, 8]
-    for tag in ("susceptibility/a/l0h0", "pc1_loading/l0h0", "snapshot/seconds"):
+    for tag in ("susceptibility/a/l0h0", "aligned_pc1_loading/l0h0", "snapshot/seconds"):
         assert scalar_steps(log_dir, tag) == [2, 4, 6, 8], tag
     saved = SusceptibilityResult.load(out / "susceptibility" / "step-4")
     assert (SusceptibilityResult.load(copy).chi == saved.chi).all()

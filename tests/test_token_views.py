@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from test_analysis import _result
 
-from susc_callback.analysis.token_views import layer_of, token_quantity
+from susc_callback.analysis.token_views import token_quantity
+from susc_callback.components.architectures import layer_of
 
 
 def test_layers_of_preset_names():

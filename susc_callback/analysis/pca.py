@@ -11,6 +11,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA
 
+from susc_callback.components.architectures import layer_of
 from susc_callback.estimator.results import SusceptibilityResult, mean_per_dataset
 
 Standardization = Literal["structural-inference", "spectroscopy", "none"]
@@ -115,6 +116,27 @@ class SusceptibilityPCA(_PCABase):
         self.dataset_scores_ = self.dataset_scores_[:, order] * signs[None, :]
         self.explained_variance_ratio_ = self.explained_variance_ratio_[order]
         return self
+
+
+def layer_pcas(result: SusceptibilityResult, n_components: int = 3,
+               standardization: Standardization = "structural-inference"
+               ) -> dict[str, SusceptibilityPCA]:
+    """``{layer: PCA of that layer's components}`` (layers as in
+    :func:`~susc_callback.components.architectures.layer_of`; the papers' findings are per
+    layer), for every layer with at least 2 finite components and a matrix that varies."""
+    layers: dict[str, list[str]] = {}
+    for name, finite in zip(result.component_names, result.finite_components):
+        if finite:
+            layers.setdefault(layer_of(name), []).append(name)
+    fits = {}
+    for layer, names in layers.items():
+        if len(names) >= 2:
+            try:
+                fits[layer] = SusceptibilityPCA(n_components, standardization).fit(
+                    result.subset(names))
+            except ConstantMatrixError:
+                continue
+    return fits
 
 
 def align_loadings(loadings: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

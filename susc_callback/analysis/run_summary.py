@@ -87,11 +87,9 @@ def _add_trajectories(summary: RunSummary, timed: list[SusceptibilityResult], n_
     k = min(len(p.explained_variance_ratio_) for p in pcas)
     summary.series, summary.steps = series, steps
     summary.explained_variance = {
-        f"PC{i + 1}": np.array([p.explained_variance_ratio_[i] for p in pcas])
+        f"aligned PC{i + 1}": np.array([p.explained_variance_ratio_[i] for p in pcas])
         for i in range(k)}
-    names = pcas[-1].component_names_
-    summary.loading_curves = [{n: np.array([_loading(p, i, n) for p in pcas]) for n in names}
-                              for i in range(min(k, 2))]
+    summary.loading_curves = [series.loading_curves(i)[1] for i in range(min(k, 2))]
     try:
         summary.common = CommonBasisPCA(n_pcs, standardization).fit(timed)
     except ValueError:  # < 2 components finite in every snapshot: no common basis
@@ -101,12 +99,6 @@ def _add_trajectories(summary: RunSummary, timed: list[SusceptibilityResult], n_
     summary.llc_curves = {
         **{n: np.array([_row(r, "rllc", n) for r in timed]) for n in timed[-1].component_names},
         "full model": np.array([r.llc_full for r in timed])}
-
-
-def _loading(pca: SusceptibilityPCA, k: int, name: str) -> float:
-    if name not in pca.component_names_ or k >= len(pca.loadings_):
-        return np.nan
-    return float(pca.loadings_[k, pca.component_names_.index(name)])
 
 
 def _row(result: SusceptibilityResult, field_name: str, name: str) -> float:

@@ -53,3 +53,17 @@ class SnapshotSeries:
                 k = pca.dataset_scores_.shape[1]
                 scores[i, names.index(name), :k] = pca.dataset_scores_[d]
         return steps, names, scores
+
+    def loading_curves(self, k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(steps (S,), {component: (S,)})``: every component's loading on aligned PC
+        ``k`` (from 0) at every snapshot; NaN where a snapshot lacks it."""
+        steps = np.array(sorted(self.pcas), dtype=np.int64)
+        pcas = [self.pcas[int(step)] for step in steps]
+        names = list(dict.fromkeys(n for p in pcas for n in p.component_names_))
+        curves = {}
+        for name in names:
+            curves[name] = np.array([
+                p.loadings_[k, p.component_names_.index(name)]
+                if name in p.component_names_ and k < len(p.loadings_) else np.nan
+                for p in pcas])
+        return steps, curves

@@ -21,12 +21,12 @@ component's own covariance part is always kept.
 
 from __future__ import annotations
 
-import re
 from typing import Literal, get_args
 
 import numpy as np
 
 from susc_callback.analysis.pca import Standardization, standardize
+from susc_callback.components.architectures import layer_of
 from susc_callback.estimator.results import SusceptibilityResult
 
 TokenQuantity = Literal["relative-to-layer", "chi", "covariance"]
@@ -41,16 +41,6 @@ DESCRIPTIONS = {
     "covariance": "chi's covariance part -Cov_C(phi, l_x - L) alone, without the baseline "
                   "correction",
 }
-
-
-def layer_of(name: str) -> str:
-    """The group a component is compared with: for the preset names its layer's heads
-    (``l3h5`` -> ``l3h``) or its own block part (``l3mlp``, ``l3``); components with other
-    names form one group together."""
-    match = re.match(r"^l(\d+)(h)?\d*", name)
-    if match is None:
-        return ""
-    return f"l{match.group(1)}{'h' if match.group(2) else name[match.end():]}"
 
 
 def token_quantity(result: SusceptibilityResult, quantity: TokenQuantity = DEFAULT_QUANTITY,

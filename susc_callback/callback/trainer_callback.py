@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
@@ -260,6 +261,10 @@ class SusceptibilityCallback(TrainerCallback):
                        control: TrainerControl, model: nn.Module, step: int) -> None:
         """Estimate this rank's share, gather on every rank, publish on the main rank."""
         start = time.perf_counter()
+        config = self._run_config
+        self._announce(args, f"Susceptibility snapshot at step {step}: {len(self._components)} "
+                             f"components and the full chain, {config.num_chains} chains x "
+                             f"{config.num_draws} draws ...")
         mine = distributed.share(self._components, self._rank, self._world)
         part, error = None, None
         try:
@@ -298,8 +303,18 @@ class SusceptibilityCallback(TrainerCallback):
         for name, reason in result.failed.items():
             logger.warning(f"Susceptibility snapshot at step {result.step}: component {name} "
                            f"failed: {reason}")
-        logger.info(f"Susceptibility snapshot at step {result.step}: {seconds:.1f} s, "
-                    f"saved to {self._store.step_dir(result.step)}")
+        self._announce(args, f"Susceptibility snapshot at step {result.step}: done in "
+                             f"{seconds:.0f} s, saved to {self._store.step_dir(result.step)}")
+
+    def _announce(self, args: TrainingArguments, text: str) -> None:
+        """A line in the Trainer's console output (main process): beside its progress bar,
+        or printed like its log dicts when the bar is off."""
+        if not self._main:
+            return
+        if args.disable_tqdm:
+            print(text, flush=True)
+        else:
+            tqdm.write(text)
 
     def _report_failure(self, step: int, errors: dict[int, str]) -> None:
         detail = "\n".join(f"[rank {rank}] {text}" for rank, text in sorted(errors.items()))

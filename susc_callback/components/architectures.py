@@ -23,6 +23,7 @@ module itself (``head_dim``/``head_size``), so configs whose ``head_dim`` differ
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -245,3 +246,13 @@ def _has_module(root: nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def layer_of(name: str) -> str:
+    """The group a component is compared with: for the preset names its layer's heads
+    (``l3h5`` -> ``l3h``) or its own block part (``l3mlp``, ``l3``); components with other
+    names form one group together."""
+    match = re.match(r"^l(\d+)(h)?\d*", name)
+    if match is None:
+        return ""
+    return f"l{match.group(1)}{'h' if match.group(2) else name[match.end():]}"

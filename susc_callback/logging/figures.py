@@ -6,10 +6,12 @@ changes the process's plotting backend or global figure registry.
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from susc_callback.analysis.pca import CommonBasisPCA, SusceptibilityPCA
 from susc_callback.analysis.series import SnapshotSeries
@@ -40,21 +42,51 @@ def heatmap_figure(result: SusceptibilityResult) -> Figure:
     return figure
 
 
-def loadings_figure(pca: SusceptibilityPCA, step: int | None = None) -> Figure:
-    """One bar chart per PC: every component's loading, with the explained variance."""
-    count = len(pca.loadings_)
-    names = pca.component_names_
-    figure = Figure(figsize=(max(5.5, 0.3 * len(names) + 1.5), 1.8 * count + 0.6),
+def loadings_figure(pca: SusceptibilityPCA, step: int | None = None,
+                    aligned: bool = False) -> Figure:
+    """One bar chart per PC: every component's loading, with the explained variance.
+    ``aligned``: the PCs are in a previous snapshot's order (each labelled with its
+    variance rank at this snapshot), else in order of variance."""
+    return _loadings_grid({"": pca}, _title(f"PC loadings ({pca.standardization})", step),
+                          aligned)
+
+
+def layer_loadings_figure(pcas: dict[str, SusceptibilityPCA], step: int | None = None
+                          ) -> Figure:
+    """:func:`loadings_figure` of each layer's own PCA, side by side (PCs by variance)."""
+    standardization = next(iter(pcas.values())).standardization
+    return _loadings_grid(pcas, _title(f"PC loadings of each layer ({standardization})", step),
+                          False)
+
+
+def _loadings_grid(pcas: dict[str, SusceptibilityPCA], title: str, aligned: bool) -> Figure:
+    count = max(len(p.loadings_) for p in pcas.values())
+    widest = max(len(p.component_names_) for p in pcas.values())
+    figure = Figure(figsize=(max(5.5, len(pcas) * (0.3 * widest + 1.5)), 1.8 * count + 0.8),
                     layout="constrained")
-    axes_list = figure.subplots(count, 1, sharex=True, squeeze=False)[:, 0]
-    for k, axes in enumerate(axes_list):
-        loadings = pca.loadings_[k]
-        axes.bar(range(len(names)), loadings,
-                 color=np.where(loadings < 0, "tab:red", "tab:green"))
-        axes.axhline(0.0, color="black", linewidth=0.6)
-        axes.set_ylabel(f"PC{k + 1}\n{100 * pca.explained_variance_ratio_[k]:.1f}%")
-    axes_list[-1].set_xticks(range(len(names)), names, rotation=90)
-    axes_list[0].set_title(_title(f"PC loadings ({pca.standardization})", step))
+    grid = figure.subplots(count, len(pcas), squeeze=False)
+    for column, (layer, pca) in enumerate(pcas.items()):
+        ranks = np.argsort(np.argsort(-pca.explained_variance_ratio_)) + 1
+        names = pca.component_names_
+        for k, axes in enumerate(grid[:, column]):
+            if k >= len(pca.loadings_):
+                axes.set_axis_off()
+                continue
+            loadings = pca.loadings_[k]
+            axes.bar(range(len(names)), loadings,
+                     color=np.where(loadings < 0, "tab:red", "tab:green"))
+            axes.axhline(0.0, color="black", linewidth=0.6)
+            share = f"{100 * pca.explained_variance_ratio_[k]:.1f}%"
+            axes.set_ylabel(f"aligned PC{k + 1}\n(rank {ranks[k]}, {share})" if aligned
+                            else f"PC{k + 1}\n{share}")
+            if k == len(pca.loadings_) - 1:
+                axes.set_xticks(range(len(names)), names, rotation=90)
+            else:
+                axes.set_xticks(range(len(names)))
+                axes.tick_params(labelbottom=False)
+        if layer:
+            grid[0, column].set_title(layer, fontsize=9)
+    figure.suptitle(title, fontsize=11)
     return figure
 
 
@@ -68,27 +100,39 @@ def trajectory_figure(series: SnapshotSeries, pcs: tuple[int, int] = (0, 1)) -> 
         if scores.shape[2] <= b:
             break
         line = axes.plot(scores[:, d, a], scores[:, d, b], "-", alpha=0.6, label=name)[0]
-        axes.scatter(scores[:, d, a], scores[:, d, b], c=np.log1p(steps), cmap="viridis",
-                     edgecolors=line.get_color(), s=28, zorder=3)
+        points = axes.scatter(scores[:, d, a], scores[:, d, b], c=np.log1p(steps),
+                              cmap="viridis", edgecolors=line.get_color(), s=28, zorder=3)
         axes.annotate(f"{name} @ {steps[-1]}", (scores[-1, d, a], scores[-1, d, b]),
                       fontsize=8, xytext=(3, 3), textcoords="offset points")
     axes.axhline(0.0, color="grey", linewidth=0.5)
     axes.axvline(0.0, color="grey", linewidth=0.5)
-    axes.set_xlabel(f"PC{a + 1}")
-    axes.set_ylabel(f"PC{b + 1}")
-    axes.set_title("Probe datasets over training (colour: log step)")
+    axes.set_xlabel(f"aligned PC{a + 1}")
+    axes.set_ylabel(f"aligned PC{b + 1}")
+    axes.set_title("Probe datasets over training", fontsize=10)
     if names:
-        axes.legend(fontsize=8)
+        figure.legend(fontsize=8, loc="outside lower right")
+        _step_colour_bar(figure, axes, points, steps)
     return figure
+
+
+def _step_colour_bar(figure: Figure, axes, mappable, steps: np.ndarray) -> None:
+    """A colour bar of the log(1 + step) colouring, ticked at the snapshots' steps."""
+    bar = figure.colorbar(mappable, ax=axes, label="training step")
+    shown = np.unique(steps)
+    if len(shown) > 8:
+        shown = shown[np.linspace(0, len(shown) - 1, 8).round().astype(int)]
+    bar.set_ticks(np.log1p(shown), labels=[str(int(s)) for s in shown])
 
 
 def curves_figure(steps: np.ndarray, curves: dict[str, np.ndarray], title: str,
                   ylabel: str) -> Figure:
     """One line per named curve over training steps (log x axis when steps span decades)."""
-    figure = Figure(figsize=(6.5, 3.8), layout="constrained")
+    figure = Figure(figsize=(7.5, 3.8), layout="constrained")
     axes = figure.add_subplot()
-    for name, values in curves.items():
-        axes.plot(steps, values, marker="o", markersize=3, label=name)
+    palette = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"]
+    for i, (name, values) in enumerate(curves.items()):
+        axes.plot(steps, values, marker="o", markersize=3, label=name,
+                  color=palette(i % palette.N))
     positive = steps[steps > 0]
     if len(positive) and positive.max() / positive.min() >= 20:  # log-spaced snapshots
         axes.set_xscale("symlog", linthresh=max(1.0, float(positive.min())))
@@ -96,7 +140,21 @@ def curves_figure(steps: np.ndarray, curves: dict[str, np.ndarray], title: str,
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     if 0 < len(curves) <= 24:
-        axes.legend(fontsize=7, ncols=2 if len(curves) > 8 else 1)
+        figure.legend(fontsize=7, ncols=2 if len(curves) > 12 else 1,
+                      loc="outside right upper")
+    return figure
+
+
+def loss_figure(steps: np.ndarray, losses: np.ndarray, snapshots: list[int]) -> Figure:
+    """The training loss over steps, each snapshot marked by a dotted vertical line."""
+    figure = Figure(figsize=(7.5, 3.0), layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot(steps, losses, linewidth=1.0, color="tab:blue")
+    for step in snapshots:
+        axes.axvline(step, color="grey", linewidth=0.6, linestyle=":")
+    axes.set_xlabel("training step")
+    axes.set_ylabel("training loss")
+    axes.set_title("Training loss and snapshots", fontsize=10)
     return figure
 
 
@@ -111,11 +169,13 @@ def token_trajectory_figure(common: CommonBasisPCA, token_datasets: list[np.ndar
     if common.loadings_.shape[0] <= b:
         axes.set_title(f"fewer than {b + 1} PCs")
         return figure
+    points = None
     for i, scores in enumerate(common.token_scores_):
         if colour_by == "step":
             colours = np.full(len(scores), np.log1p(steps[i]))
-            axes.scatter(scores[:, a], scores[:, b], c=colours, cmap="viridis", s=4,
-                         alpha=0.35, vmin=np.log1p(steps.min()), vmax=np.log1p(steps.max()))
+            points = axes.scatter(scores[:, a], scores[:, b], c=colours, cmap="viridis", s=4,
+                                  alpha=0.35, vmin=np.log1p(steps.min()),
+                                  vmax=np.log1p(steps.max()))
         else:
             axes.scatter(scores[:, a], scores[:, b], c=token_datasets[i], cmap="tab10", s=4,
                          alpha=0.35, vmin=0, vmax=9)
@@ -126,8 +186,14 @@ def token_trajectory_figure(common: CommonBasisPCA, token_datasets: list[np.ndar
                       textcoords="offset points")
     axes.set_xlabel(f"PC{a + 1} ({100 * common.explained_variance_ratio_[a]:.1f}%)")
     axes.set_ylabel(f"PC{b + 1} ({100 * common.explained_variance_ratio_[b]:.1f}%)")
-    what = "log step" if colour_by == "step" else "dataset"
-    axes.set_title(f"Tokens in the common basis (colour: {what}; lines: dataset means)")
+    axes.set_title("Tokens in the common basis (lines: dataset means)", fontsize=10)
+    if colour_by == "step" and points is not None:
+        _step_colour_bar(figure, axes, points, steps)
+    elif colour_by != "step":
+        palette = matplotlib.colormaps["tab10"]
+        handles = [Line2D([], [], marker="o", linestyle="", color=palette(d / 9), label=name)
+                   for d, name in enumerate(common.dataset_names_)]
+        figure.legend(handles=handles, fontsize=8, loc="outside right upper")
     return figure
 
 

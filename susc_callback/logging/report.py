@@ -15,17 +15,21 @@ import base64
 import html
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from susc_callback.analysis.attribution import extreme_tokens, visible
-from susc_callback.analysis.pca import Standardization
+from susc_callback.analysis.pca import Standardization, layer_pcas
 from susc_callback.analysis.run_summary import RunSummary, summarize_run
+from susc_callback.analysis.written_summary import written_summary
 from susc_callback.data.probes import decode_each
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.figures import (
     curves_figure,
     heatmap_figure,
+    layer_loadings_figure,
     loadings_figure,
+    loss_figure,
     token_trajectory_figure,
     trajectory_figure,
 )
@@ -48,11 +52,13 @@ def _probe_texts(result: SusceptibilityResult, tokenizer: object | None
 def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
                  tokenizer: object | None = None, step: int | None = None, n_pcs: int = 3,
                  standardization: Standardization = "structural-inference",
-                 top_tokens: int = 8, title: str = "Susceptibility report") -> Path:
+                 top_tokens: int = 8, title: str = "Susceptibility report",
+                 training_loss: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
     """Write ``out_dir/report.html`` and ``out_dir/figures/*.png``; return the HTML path.
 
     ``results`` are one run's snapshots (any order); the token view shows snapshot ``step``
-    (default the latest).
+    (default the latest). ``training_loss``: ``(steps, losses)`` of the training run
+    (:func:`~susc_callback.store.run.training_losses`), drawn with the snapshots marked.
     """
     summary = summarize_run(results, step=step, n_pcs=n_pcs, standardization=standardization)
     out_dir = Path(out_dir)
@@ -62,7 +68,7 @@ def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
         _header(title, summary),
         token_view_section(summary, texts),
         *(_figure_section(name, caption, figure, out_dir)
-          for name, (caption, figure) in _figures(summary).items()),
+          for name, (caption, figure) in _figures(summary, training_loss).items()),
         _top_tokens_table(summary.shown, texts, top_tokens),
     ]
     page = _PAGE.format(title=html.escape(title), body="\n".join(sections), script=SCRIPT)
@@ -71,24 +77,41 @@ def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
     return path
 
 
-def _figures(summary: RunSummary) -> dict[str, tuple[str, Figure]]:
+def _figures(summary: RunSummary, training_loss: tuple[np.ndarray, np.ndarray] | None
+             ) -> dict[str, tuple[str, Figure]]:
     shown, standardization = summary.shown, summary.standardization
-    figures: dict[str, tuple[str, Figure]] = {
+    figures: dict[str, tuple[str, Figure]] = {}
+    if training_loss is not None:
+        snapshots = [r.step for r in summary.results if r.step is not None]
+        figures["training_loss"] = ("The training loss logged by the Trainer; dotted lines "
+                                    "mark the snapshots.",
+                                    loss_figure(*training_loss, snapshots))
+    figures |= {
         "heatmap": ("Mean susceptibility of each component on each probe dataset "
                     "(red: expresses, green: suppresses).", heatmap_figure(shown))}
     if summary.shown_pca is not None:
-        figures["pc_loadings"] = (f"PC loadings of step {shown.step} ({standardization}).",
+        figures["pc_loadings"] = (f"PC loadings of step {shown.step} ({standardization}), "
+                                  "PCs in order of variance.",
                                   loadings_figure(summary.shown_pca, shown.step))
+    layers = layer_pcas(shown, summary.shown_pca.n_components if summary.shown_pca else 3,
+                        standardization)
+    if len(layers) > 1:
+        figures["pc_loadings_per_layer"] = (
+            f"A PCA of each layer's components at step {shown.step}, PCs in order of "
+            "variance.", layer_loadings_figure(layers, shown.step))
     if summary.series is None:
         return figures
     figures["explained_variance"] = (
-        "Explained variance of each snapshot's PCs (aligned to the previous snapshot).",
+        "Explained variance of each snapshot's PCs, aligned to the previous snapshot's: "
+        "aligned PC2 follows one direction and need not be the second largest at every "
+        "snapshot.",
         curves_figure(summary.steps, summary.explained_variance,
-                      "Explained variance over training", "ratio"))
+                      "Explained variance of the aligned PCs", "ratio"))
     for i, curves in enumerate(summary.loading_curves):
         figures[f"pc{i + 1}_loadings_over_training"] = (
-            f"Loading of every component on PC{i + 1} over training.", curves_figure(
-                summary.steps, curves, f"PC{i + 1} loadings over training", "loading"))
+            f"Loading of every component on aligned PC{i + 1} over training.", curves_figure(
+                summary.steps, curves, f"Aligned PC{i + 1} loadings over training",
+                "loading"))
     figures["dataset_trajectory"] = ("Probe datasets' mean scores on each snapshot's "
                                      "aligned PC1 and PC2.", trajectory_figure(summary.series))
     for pcs in ((0, 1), (1, 2)) if summary.common is not None else ():
@@ -112,7 +135,9 @@ def _header(title: str, summary: RunSummary) -> str:
                                 "batch_size", "seed"))
     failed = "".join(f"<li>{html.escape(n)}: {html.escape(r)}</li>"
                      for n, r in shown.failed.items())
-    return (f"<h1>{html.escape(title)}</h1><p>{len(results)} snapshot(s) at steps "
+    written = "".join(f"<li>{html.escape(line)}</li>" for line in written_summary(summary))
+    return (f"<h1>{html.escape(title)}</h1><h2>Summary</h2><ul>{written}</ul>"
+            f"<p>{len(results)} snapshot(s) at steps "
             f"{[r.step for r in results]}; token view: step {shown.step}. Standardization: "
             f"<b>{html.escape(summary.standardization)}</b>. SGLD: {html.escape(config)}.</p>"
             + (f"<p>Failed components at this step:</p><ul>{failed}</ul>" if failed else ""))

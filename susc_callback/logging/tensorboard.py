@@ -4,11 +4,19 @@ Tags (``{c}`` a component, ``{d}`` a probe dataset, ``{k}`` a PC number from 1):
 
 * ``susceptibility/{d}/{c}``: mean susceptibility of component ``c`` on dataset ``d``;
 * ``rllc/{c}`` and ``llc/full``: refined LLC of each component, LLC of the full model;
-* ``pc_explained_variance/pc{k}`` and ``pc{k}_loading/{c}``: the snapshot's PCA, aligned
-  in sign and order to the previous snapshot so that the curves are continuous;
+* ``aligned_pc{k}/explained_variance``, ``aligned_pc{k}/variance_rank`` and
+  ``aligned_pc{k}_loading/{c}``: the snapshot's PCs *aligned* in sign and order to the
+  previous snapshot's, so that a curve follows one direction; ``aligned_pc2`` is not
+  necessarily the PC with the second largest variance at that snapshot (its
+  ``variance_rank`` says which it is);
+* ``pc_spectrum/pc{k}``: the explained variance of the snapshot's PCs in order of variance
+  (PC{k} of a paper's table);
 * ``snapshot/seconds``, ``snapshot/time_share`` (snapshot time / training time so far),
   ``snapshot/failed_components``;
-* images ``figures/heatmap``, ``figures/pc_loadings``, ``figures/trajectory_pc1_pc2``;
+* images ``figures/heatmap``, ``figures/pc_loadings`` (the aligned PCs, each labelled with
+  its variance rank), ``figures/pc_loadings_per_layer`` (a PCA of each layer's heads),
+  ``figures/trajectory_pc1_pc2``, and over training (a log step axis and a legend, which
+  TensorBoard's scalar charts lack): ``figures/aligned_pc1_loadings_over_training``;
   text ``tokens/top``; projector tensor ``susceptibility``: per snapshot, one point per
   probe token (its vector over components), for the snapshots of this writer's session.
 """
@@ -31,12 +39,15 @@ from susc_callback.analysis.attribution import (
     token_in_context,
     top_tokens_markdown,
 )
-from susc_callback.analysis.pca import SusceptibilityPCA, standardize
+from susc_callback.analysis.pca import SusceptibilityPCA, layer_pcas, standardize
 from susc_callback.analysis.series import SnapshotSeries
+from susc_callback.components.architectures import layer_of
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.figures import (
+    curves_figure,
     figure_to_array,
     heatmap_figure,
+    layer_loadings_figure,
     loadings_figure,
     trajectory_figure,
 )
@@ -58,32 +69,63 @@ def snapshot_scalars(result: SusceptibilityResult, pca: SusceptibilityPCA | None
     scalars["llc/full"] = float(result.llc_full)
     scalars["snapshot/failed_components"] = float(len(result.failed))
     if pca is not None:
+        ranks = variance_ranks(pca)
         for k, ratio in enumerate(pca.explained_variance_ratio_):
-            scalars[f"pc_explained_variance/pc{k + 1}"] = float(ratio)
+            scalars[f"aligned_pc{k + 1}/explained_variance"] = float(ratio)
+            scalars[f"aligned_pc{k + 1}/variance_rank"] = float(ranks[k])
             for name, loading in zip(pca.component_names_, pca.loadings_[k]):
-                scalars[f"pc{k + 1}_loading/{name}"] = float(loading)
+                scalars[f"aligned_pc{k + 1}_loading/{name}"] = float(loading)
+        for k, ratio in enumerate(sorted(pca.explained_variance_ratio_, reverse=True)):
+            scalars[f"pc_spectrum/pc{k + 1}"] = float(ratio)
     return scalars
 
 
-def custom_scalars_layout(dataset_names: list[str], n_pcs: int) -> dict:
-    """Multi-line charts: one per PC (all components), one per dataset, rLLC, cost."""
+def variance_ranks(pca: SusceptibilityPCA) -> np.ndarray:
+    """``(k,)``: the variance rank (1 = largest) at its own snapshot of each of ``pca``'s
+    PCs, which after :meth:`~SusceptibilityPCA.align_to` are in the previous snapshot's
+    order, not in order of variance."""
+    return np.argsort(np.argsort(-np.asarray(pca.explained_variance_ratio_))) + 1
+
+
+def custom_scalars_layout(dataset_names: list[str], n_pcs: int, component_names: list[str]
+                          ) -> dict:
+    """Multi-line charts: the PC spectrum, each aligned PC's loadings, the datasets' means
+    and rLLC, per layer (TensorBoard colours lines without a legend: a chart holds one
+    layer's components, named in the tooltip)."""
     def chart(pattern: str) -> list:
         return ["Multiline", [pattern]]
 
+    def per_layer(title: str, prefix: str) -> dict[str, list]:
+        return {f"{title}, {layer or 'other'}": chart(
+            rf"^{prefix}(" + "|".join(re.escape(n) for n in names) + ")$")
+            for layer, names in _layers(component_names).items()}
+
     return {
         "Susceptibility PCs": {
-            "explained variance": chart(r"^pc_explained_variance/"),
-            **{f"PC{k} loadings": chart(rf"^pc{k}_loading/") for k in range(1, n_pcs + 1)},
+            "spectrum (variance-ranked PCs of each snapshot)": chart(r"^pc_spectrum/"),
+            "aligned PCs: explained variance": chart(r"^aligned_pc\d+/explained_variance$"),
+            **{k: v for j in range(1, n_pcs + 1)
+               for k, v in per_layer(f"aligned PC{j} loadings", rf"aligned_pc{j}_loading/")
+               .items()},
         },
         "Susceptibility per dataset": {
-            dataset: chart(rf"^susceptibility/{re.escape(dataset)}/")
-            for dataset in dataset_names
+            f"{dataset}, {layer or 'other'}": chart(
+                rf"^susceptibility/{re.escape(dataset)}/(" + "|".join(map(re.escape, names))
+                + ")$")
+            for dataset in dataset_names for layer, names in _layers(component_names).items()
         },
-        "Learning coefficients": {"rLLC per component": chart(r"^rllc/"),
+        "Learning coefficients": {**per_layer("rLLC", "rllc/"),
                                   "LLC of the full model": chart(r"^llc/full$")},
         "Snapshot cost": {"seconds": chart(r"^snapshot/seconds$"),
                           "share of training time": chart(r"^snapshot/time_share$")},
     }
+
+
+def _layers(component_names: list[str]) -> dict[str, list[str]]:
+    layers: dict[str, list[str]] = {}
+    for name in component_names:
+        layers.setdefault(layer_of(name), []).append(name)
+    return layers
 
 
 class TensorBoardLogger:
@@ -110,15 +152,25 @@ class TensorBoardLogger:
         step = result.step
         writer = self.writer
         if not self._layout_written:
-            writer.add_custom_scalars(custom_scalars_layout(result.dataset_names, series.n_pcs))
+            writer.add_custom_scalars(custom_scalars_layout(
+                result.dataset_names, series.n_pcs, result.component_names))
             self._layout_written = True
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)
         writer.add_image("figures/heatmap", figure_to_array(heatmap_figure(result)), step,
                          dataformats="HWC")
         if pca is not None:
-            writer.add_image("figures/pc_loadings", figure_to_array(loadings_figure(pca, step)),
-                             step, dataformats="HWC")
+            writer.add_image("figures/pc_loadings", figure_to_array(
+                loadings_figure(pca, step, aligned=len(series.pcas) > 1)), step,
+                dataformats="HWC")
+            steps, curves = series.loading_curves(0)
+            writer.add_image("figures/aligned_pc1_loadings_over_training", figure_to_array(
+                curves_figure(steps, curves, "Aligned PC1 loadings over training",
+                              "loading")), step, dataformats="HWC")
+        layers = layer_pcas(result, series.n_pcs, series.standardization)
+        if len(layers) > 1:
+            writer.add_image("figures/pc_loadings_per_layer", figure_to_array(
+                layer_loadings_figure(layers, step)), step, dataformats="HWC")
             writer.add_image("figures/trajectory_pc1_pc2",
                              figure_to_array(trajectory_figure(series)), step, dataformats="HWC")
         writer.add_text("tokens/top", top_tokens_markdown(result, decode, self.top_tokens), step)

@@ -223,6 +223,29 @@ def find_checkpoints(run_dir: str | Path, explicit: list[str] | None = None) -> 
     return dict(sorted(found.items()))
 
 
+def training_losses(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(steps, losses)`` of the training loss logged by the Trainer, from the
+    ``trainer_state.json`` of the run (its own, else its latest checkpoint's); None when
+    the run has none."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / "trainer_state.json"]
+    if run_dir.is_dir():
+        checkpoints = sorted((int(m.group(1)), p) for p in run_dir.iterdir()
+                             if p.is_dir() and (m := _CHECKPOINT_DIR.match(p.name)))
+        candidates += [p / "trainer_state.json" for _, p in reversed(checkpoints)]
+    for path in candidates:
+        if path.is_file():
+            try:
+                history = json.loads(path.read_text()).get("log_history", [])
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            points = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
+            if points:
+                steps, losses = zip(*points)
+                return np.array(steps, dtype=np.int64), np.array(losses, dtype=np.float64)
+    return None
+
+
 def checkpoint_step(path: str | Path) -> int:
     """The training step of a checkpoint folder: from its name, else its trainer state."""
     path = Path(path)
