@@ -182,7 +182,8 @@ def _config(args: argparse.Namespace) -> SGLDConfig:
     values = json.loads(Path(args.config).read_text()) if args.config else {}
     values.update({name: getattr(args, name) for name in _config_flags()
                    if getattr(args, name) is not None})
-    values["progress"] = False if args.no_progress else None
+    values["progress"] = False if args.no_progress else True if sys.stderr.isatty() \
+        else "lines"  # a log or a pipe gets a plain line every 30 s
     values.setdefault("on_divergence", "mark")  # a diverged head is saved as failed
     return SGLDConfig.from_dict(values)
 

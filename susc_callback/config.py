@@ -96,8 +96,9 @@ class SGLDConfig:
         "else 1. Same numbers either way, up to float rounding; a loss_fn then runs in the "
         "workers, so its side effects on Python objects do not reach the caller.")
     device: str | None = _run(None, "Where to sample; None = the model's own device.")
-    progress: bool | None = _run(
-        None, "Show a progress bar; None = only when stderr is a terminal.")
+    progress: bool | Literal["lines"] | None = _run(
+        None, "Show a progress bar; 'lines' = a plain line every 30 s (for logs and pipes); "
+              "None = a bar only when stderr is a terminal.")
 
     def __post_init__(self) -> None:
         for name in ("step_size", "n_beta"):
@@ -123,9 +124,9 @@ class SGLDConfig:
                 "covariance needs at least 2 draws in all (num_chains * num_draws >= 2)")
         if self.device is not None:
             object.__setattr__(self, "device", _device_name(self.device))
-        if self.progress is not None and not isinstance(self.progress, bool):
-            raise ValueError(f"Invalid progress: {self.progress!r} (must be True, False or "
-                             "None)")
+        if self.progress not in (None, "lines") and not isinstance(self.progress, bool):
+            raise ValueError(f"Invalid progress: {self.progress!r} (must be True, False, "
+                             "'lines' or None)")
 
     def _set_int(self, name: str, minimum: int, also: str = "") -> None:
         """Check an integer field and store it as a plain ``int`` (so ``seed=1`` and

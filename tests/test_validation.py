@@ -175,3 +175,15 @@ def test_on_save_schedule_without_saves():
         Schedule(every=5, on_save=True).check(20, saves=False)
     with pytest.raises(ValueError, match="which saves no checkpoint"):
         Schedule(on_save=True).check(20, saves=False)
+
+
+def test_progress_lines_for_logs(gpt2, probe, sampling_ids, config, capsys, monkeypatch):
+    from susc_callback.estimator import progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY_SECONDS", 0.0)
+    estimate(gpt2, probe, sampling_ids, config.replace(progress="lines"))
+    lines = capsys.readouterr().err.strip().splitlines()
+    total = 5 * config.num_chains * config.num_steps  # 4 heads and the full chain
+    assert len(lines) > 1 and all(line.startswith("SGLD: ") and "\r" not in line
+                                  for line in lines)
+    assert lines[-1].startswith(f"SGLD: {total}/{total} chain steps (100 %)")

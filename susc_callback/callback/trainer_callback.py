@@ -36,7 +36,9 @@ from susc_callback.data.probes import ProbeSet, probe_token_texts
 from susc_callback.data.sampling import LossFn, SamplingData
 from susc_callback.estimator.engine import check_inputs, estimate_susceptibilities
 from susc_callback.estimator.results import SusceptibilityResult, merge_results
+from susc_callback.logging.other_loggers import send_media
 from susc_callback.logging.snapshots import SnapshotPublisher
+from susc_callback.logging.tensorboard import SnapshotMedia
 from susc_callback.sampler.isolation import preserved_rng_state
 from susc_callback.store.run import RESULTS_FOLDER, RunStore
 
@@ -296,10 +298,10 @@ class SusceptibilityCallback(TrainerCallback):
         self._snapshot_seconds += seconds
         elapsed = time.perf_counter() - self._train_start
         with self._store.writing(LOCK_WAIT_SECONDS):
-            scalars = self._publisher.publish(result, {
+            scalars, media = self._publisher.publish(result, {
                 "snapshot/seconds": seconds,
                 "snapshot/time_share": self._snapshot_seconds / max(elapsed, 1e-9)})
-        self._report_to_other_loggers(args, state, control, scalars)
+        self._report_to_other_loggers(args, state, control, scalars, media)
         for name, reason in result.failed.items():
             logger.warning(f"Susceptibility snapshot at step {result.step}: component {name} "
                            f"failed: {reason}")
@@ -326,12 +328,16 @@ class SusceptibilityCallback(TrainerCallback):
                           stacklevel=2)
 
     def _report_to_other_loggers(self, args: TrainingArguments, state: TrainerState,
-                                 control: TrainerControl, scalars: dict[str, float]) -> None:
+                                 control: TrainerControl, scalars: dict[str, float],
+                                 media: SnapshotMedia) -> None:
         """Send the scalars to ``state.log_history`` and every reporting integration except
         TensorBoard (which has them already), without going through ``Trainer.log``: that
-        would reset ``control.should_log`` and drop this step's loss log."""
+        would reset ``control.should_log`` and drop this step's loss log. Integrations that
+        show figures (W&B, MLflow) get the figures and the token table too."""
         state.log_history.append({**scalars, "step": state.global_step})
         should_log = control.should_log
-        for reporter in trainer_context.other_reporters(self._trainer):
+        reporters = trainer_context.other_reporters(self._trainer)
+        for reporter in reporters:
             reporter.on_log(args, state, control, logs=dict(scalars))
+        send_media(reporters, state.global_step, media)
         control.should_log = should_log

@@ -11,14 +11,12 @@ faster equivalents of the same function (:mod:`susc_callback.sampler.activations
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from copy import deepcopy
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
@@ -26,6 +24,7 @@ from susc_callback.data.sampling import LossFn
 from susc_callback.estimator.checks import check_inputs
 from susc_callback.estimator.plan import FULL
 from susc_callback.estimator.planner import plan_estimate
+from susc_callback.estimator.progress import chain_progress
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.estimator.runner import ChainRunner
 from susc_callback.estimator.sums import DrawSums
@@ -93,9 +92,8 @@ def _run_chains(runner: ChainRunner, config: SGLDConfig, device: torch.device
     merged sums and the failed components."""
     workers = _worker_count(config, device)
     total = len(runner.plan.components) * config.num_chains * config.num_steps
-    show = config.progress if config.progress is not None else sys.stderr.isatty()
     chains = list(range(config.num_chains))
-    with tqdm(total=total, disable=not show, desc="SGLD", unit="step") as bar:
+    with chain_progress(total, config.progress) as bar:
         if workers == 1:
             return runner.run(chains, bar.update), runner.failed
         shares = [chains[k::workers] for k in range(workers)]

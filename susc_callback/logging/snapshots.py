@@ -17,6 +17,7 @@ from susc_callback.analysis.series import SnapshotSeries
 from susc_callback.config import SGLDConfig
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.tensorboard import (
+    SnapshotMedia,
     TensorBoardLogger,
     drop_events,
     remove_projector,
@@ -67,10 +68,11 @@ class SnapshotPublisher:
         return Restored(list(kept), orphans, set_aside_to)
 
     def publish(self, result: SusceptibilityResult,
-                extra_scalars: dict[str, float] | None = None) -> dict[str, float]:
+                extra_scalars: dict[str, float] | None = None
+                ) -> tuple[dict[str, float], SnapshotMedia]:
         """Save ``result`` (with ``extra_scalars``, e.g. its timing, so that a rebuilt
         TensorBoard run shows them too), add it to the series and log it; returns the
-        scalars logged."""
+        scalars and the figures logged."""
         if extra_scalars:
             result.extra[EXTRA_SCALARS] = dict(extra_scalars)
         self.store.save(result)
@@ -96,8 +98,7 @@ class SnapshotPublisher:
         for result in results:
             self._log(result)
 
-    def _log(self, result: SusceptibilityResult) -> dict[str, float]:
+    def _log(self, result: SusceptibilityResult) -> tuple[dict[str, float], SnapshotMedia]:
         pca = self.series.add(result)
         scalars = {**snapshot_scalars(result, pca), **result.extra.get(EXTRA_SCALARS, {})}
-        self.logger.log_snapshot(result, pca, self.series, scalars)
-        return scalars
+        return scalars, self.logger.log_snapshot(result, pca, self.series, scalars)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,34 @@ def _layers(component_names: list[str]) -> dict[str, list[str]]:
     return layers
 
 
+@dataclass
+class SnapshotMedia:
+    """A snapshot's figures (``{tag: (H, W, 3) uint8}``) and texts (``{tag: Markdown}``),
+    rendered once for TensorBoard and for the other loggers."""
+
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+
+
+def snapshot_media(result: SusceptibilityResult, pca: SusceptibilityPCA | None,
+                   series: SnapshotSeries, top_tokens: str) -> SnapshotMedia:
+    """The figures and token table of the snapshot at ``result.step``."""
+    step = result.step
+    figures = {"figures/heatmap": heatmap_figure(result)}
+    if pca is not None:
+        steps, curves = series.loading_curves(0)
+        figures |= {
+            "figures/pc_loadings": loadings_figure(pca, step, aligned=len(series.pcas) > 1),
+            "figures/aligned_pc1_loadings_over_training": curves_figure(
+                steps, curves, "Aligned PC1 loadings over training", "loading"),
+            "figures/trajectory_pc1_pc2": trajectory_figure(series)}
+    layers = layer_pcas(result, series.n_pcs, series.standardization)
+    if len(layers) > 1:
+        figures["figures/pc_loadings_per_layer"] = layer_loadings_figure(layers, step)
+    return SnapshotMedia({tag: figure_to_array(figure) for tag, figure in figures.items()},
+                         {"tokens/top": top_tokens})
+
+
 class TensorBoardLogger:
     """One long-lived writer into a run directory (a second writer of the projector would
     overwrite its config). Created lazily, flushed after every snapshot."""
@@ -145,7 +174,7 @@ class TensorBoardLogger:
         return self._writer
 
     def log_snapshot(self, result: SusceptibilityResult, pca: SusceptibilityPCA | None,
-                     series: SnapshotSeries, scalars: dict[str, float]) -> None:
+                     series: SnapshotSeries, scalars: dict[str, float]) -> SnapshotMedia:
         """Everything about the snapshot at ``result.step`` (token text from the probe texts
         stored in the result, ``<id>`` without them)."""
         decode = stored_decoder(result)
@@ -157,25 +186,15 @@ class TensorBoardLogger:
             self._layout_written = True
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)
-        writer.add_image("figures/heatmap", figure_to_array(heatmap_figure(result)), step,
-                         dataformats="HWC")
-        if pca is not None:
-            writer.add_image("figures/pc_loadings", figure_to_array(
-                loadings_figure(pca, step, aligned=len(series.pcas) > 1)), step,
-                dataformats="HWC")
-            steps, curves = series.loading_curves(0)
-            writer.add_image("figures/aligned_pc1_loadings_over_training", figure_to_array(
-                curves_figure(steps, curves, "Aligned PC1 loadings over training",
-                              "loading")), step, dataformats="HWC")
-        layers = layer_pcas(result, series.n_pcs, series.standardization)
-        if len(layers) > 1:
-            writer.add_image("figures/pc_loadings_per_layer", figure_to_array(
-                layer_loadings_figure(layers, step)), step, dataformats="HWC")
-            writer.add_image("figures/trajectory_pc1_pc2",
-                             figure_to_array(trajectory_figure(series)), step, dataformats="HWC")
-        writer.add_text("tokens/top", top_tokens_markdown(result, decode, self.top_tokens), step)
+        media = snapshot_media(result, pca, series, top_tokens_markdown(
+            result, decode, self.top_tokens))
+        for tag, image in media.images.items():
+            writer.add_image(tag, image, step, dataformats="HWC")
+        for tag, text in media.texts.items():
+            writer.add_text(tag, text, step)
         self._log_projector(result, decode)
         writer.flush()
+        return media
 
     def _log_projector(self, result: SusceptibilityResult, decode: Decode) -> None:
         keep = [row for row, name in enumerate(result.component_names)
