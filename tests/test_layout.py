@@ -17,6 +17,7 @@ LAYERS = [
     {"store.run", "store"},
     {"analysis"},
     {"logging"},
+    {"patterning"},
     {"callback", "cli"},
     {"__init__", "__main__"},
 ]
