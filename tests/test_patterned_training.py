@@ -1,0 +1,118 @@
+"""Training with loss weights: all-ones is bitwise the plain Trainer, and weights reach the
+loss of the right tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CONTEXT, VOCAB, estimate, tiny_gpt2
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+from susc_callback.patterning import plan_patterning
+from susc_callback.patterning.training import (
+    PatternedTrainer,
+    WeightedPool,
+    token_weight_table,
+    weighted_causal_lm_loss,
+)
+
+
+def pool_ids(count: int = 16) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (count, CONTEXT), generator=torch.Generator().manual_seed(5))
+
+
+class Plain(torch.utils.data.Dataset):
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def train(trainer_class, dataset, tmp_path, name):
+    args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=4,
+                             per_device_train_batch_size=4, learning_rate=1e-3, seed=0,
+                             report_to="none", use_cpu=True, disable_tqdm=True,
+                             save_strategy="no", logging_steps=1, dataloader_num_workers=0)
+    trainer = trainer_class(model=tiny_gpt2(0), args=args, train_dataset=dataset,
+                            data_collator=default_data_collator)
+    trainer.train()
+    return trainer
+
+
+def test_all_ones_is_bitwise_the_plain_run(tmp_path):
+    ids = pool_ids()
+    plain = train(Trainer, Plain(ids), tmp_path, "plain")
+    weighted = train(PatternedTrainer, WeightedPool({"input_ids": ids}), tmp_path, "ones")
+    for (name, a), b in zip(plain.model.state_dict().items(),
+                            weighted.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (plain, weighted)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+def test_weights_reach_the_loss_of_the_right_tokens():
+    torch.manual_seed(0)
+    model = tiny_gpt2(0).eval()
+    ids = pool_ids(4)
+    weights = torch.rand(4, CONTEXT) + 0.5
+    weights[0] = 0.0  # sequence 0 does not count
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        loss = weighted_causal_lm_loss(logits, ids, weights)
+        # brute force: token by token, sequences 1..3 only
+        total, norm = 0.0, 0.0
+        for s in range(1, 4):
+            for j in range(1, CONTEXT):
+                value = F.cross_entropy(logits[s, j - 1][None], ids[s, j][None]).item()
+                total, norm = total + weights[s, j].item() * value, norm + weights[s, j].item()
+        assert loss.item() == pytest.approx(total / norm, rel=1e-5)
+        ones = weighted_causal_lm_loss(logits, ids, torch.ones(4, CONTEXT))
+        assert ones.item() == pytest.approx(model(input_ids=ids, labels=ids).loss.item(),
+                                            rel=1e-6)
+        masked = ids.clone()
+        masked[1, :5] = -100  # ignored labels carry no weight
+        expected = weighted_causal_lm_loss(logits, masked, weights)
+        assert expected.item() != pytest.approx(loss.item())
+    with pytest.raises(ValueError, match="all have loss weight 0"):
+        weighted_causal_lm_loss(logits, ids, torch.zeros(4, CONTEXT))
+
+
+def test_a_plan_becomes_a_weight_table(gpt2, probe, sampling_ids, config):
+    result = estimate(gpt2, probe, sampling_ids, config)
+    plan = plan_patterning(result, {"l1h0": 1.0})
+    table = token_weight_table(plan, result)
+    assert table.shape == probe.input_ids.shape
+    for i, (s, t) in enumerate(zip(result.token_sequence, result.token_position)):
+        assert table[s, t + 1].item() == pytest.approx(plan.token_weights[i])
+    assert (table[:, 0] == 1).all()  # position 0 predicts nothing
+    pool = WeightedPool(probe.tensors, table)
+    assert torch.equal(pool[1]["loss_weights"], table[1])
+    with pytest.raises(ValueError, match="one weight per token"):
+        pool.set_weights(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        pool.set_weights(-table)
+
+
+def test_the_weights_survive_the_trainers_column_filter(tmp_path, monkeypatch):
+    import susc_callback.patterning.training as training
+
+    seen, original = [], training.weighted_causal_lm_loss
+
+    def recording(logits, labels, weights, num_items_in_batch=None):
+        seen.append(weights.clone())
+        return original(logits, labels, weights, num_items_in_batch)
+
+    monkeypatch.setattr(training, "weighted_causal_lm_loss", recording)
+    ids = pool_ids()
+    weights = torch.ones(len(ids), CONTEXT)
+    weights[::2] = 0.25
+    trainer = train(PatternedTrainer, WeightedPool({"input_ids": ids}, weights), tmp_path, "w")
+    assert 1 <= len(seen) <= 4 and all(w.shape == (4, CONTEXT) for w in seen)
+    assert {float(v) for w in seen for v in w.unique()} <= {0.25, 1.0}
+    plain = train(Trainer, Plain(ids), tmp_path, "plain")
+    assert not torch.equal(trainer.model.transformer.wte.weight, plain.model.transformer.wte.weight)
