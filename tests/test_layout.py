@@ -17,8 +17,9 @@ LAYERS = [
     {"store.run", "store"},
     {"analysis"},
     {"logging"},
+    {"callback"},
     {"patterning"},
-    {"callback", "cli"},
+    {"cli"},
     {"__init__", "__main__"},
 ]
 """Lowest first: a module may import from its own layer and the layers below it."""

@@ -3,6 +3,7 @@ loss of the right tokens."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +117,73 @@ def test_the_weights_survive_the_trainers_column_filter(tmp_path, monkeypatch):
     assert {float(v) for w in seen for v in w.unique()} <= {0.25, 1.0}
     plain = train(Trainer, Plain(ids), tmp_path, "plain")
     assert not torch.equal(trainer.model.transformer.wte.weight, plain.model.transformer.wte.weight)
+
+
+def patterning_run(tmp_path, name, callback_target=None, workers=0, **options):
+    from susc_callback import SGLDConfig
+    from susc_callback.patterning.callback import PatterningCallback
+
+    ids = pool_ids()
+    pool = WeightedPool({"input_ids": ids})
+    args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=6,
+                             per_device_train_batch_size=4, learning_rate=1e-3, seed=0,
+                             report_to="none", use_cpu=True, disable_tqdm=True,
+                             save_strategy="no", logging_steps=1,
+                             dataloader_num_workers=workers)
+    trainer = PatternedTrainer(model=tiny_gpt2(0), args=args, train_dataset=pool,
+                               data_collator=default_data_collator)
+    callback = None
+    if callback_target is not None:
+        config = SGLDConfig(num_chains=1, num_draws=3, batch_size=4, observable_sequences=4,
+                            eval_batch_size=8, n_beta=10.0, gamma=100.0, progress=False)
+        callback = PatterningCallback(pool, callback_target, components="heads",
+                                      schedule=2, config=config,
+                                      log_dir=str(tmp_path / name / "tb"), **options)
+        callback.bind(trainer)
+    trainer.train()
+    return trainer, pool, callback
+
+
+def test_online_patterning_replans_and_logs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, pool, callback = patterning_run(tmp_path, "steer", {"l1h0": -0.01})
+    assert [h.step for h in callback.history_] == [2, 4, 6]
+    assert callback.history_[0].realised is None and callback.history_[1].realised
+    last = callback.history_[-1].plan
+    assert not torch.equal(pool.weights, torch.ones_like(pool.weights))
+    assert pool.weights[:, 1:].flatten().tolist() == pytest.approx(
+        [float(w) for w in token_weight_table(last, _result_like(pool))[:, 1:].flatten()])
+    events = EventAccumulator(str(tmp_path / "steer" / "tb"))
+    events.Reload()
+    for tag in ("patterning/target/l1h0", "patterning/predicted/l1h0",
+                "patterning/realised/l1h0", "patterning/weights/max"):
+        assert tag in events.Tags()["scalars"], tag
+    assert [e.step for e in events.Scalars("patterning/predicted/l1h0")] == [2, 4, 6]
+
+
+def _result_like(pool):
+    """Token order of a causal-LM result on the pool: every (sequence, position < T-1)."""
+    from types import SimpleNamespace
+
+    rows, positions = pool.weights.shape
+    sequence, position = np.divmod(np.arange(rows * (positions - 1)), positions - 1)
+    return SimpleNamespace(probe_input_ids=np.zeros((rows, positions)), token_sequence=sequence,
+                           token_position=position)
+
+
+def test_a_zero_target_is_bitwise_the_plain_run(tmp_path):
+    """The estimates leave the model, its optimizer and every RNG stream alone, and a zero
+    target gives weights 1: the run equals the one without the callback, bit for bit."""
+    plain, _, _ = patterning_run(tmp_path, "plain")
+    steered, pool, callback = patterning_run(tmp_path, "zero", np.zeros(4))
+    assert len(callback.history_) == 3 and torch.equal(pool.weights,
+                                                       torch.ones_like(pool.weights))
+    for (name, a), b in zip(plain.model.state_dict().items(),
+                            steered.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_patterning_refuses_loader_workers(tmp_path):
+    with pytest.raises(ValueError, match="dataloader_num_workers=0"):
+        patterning_run(tmp_path, "workers", {"l1h0": 1.0}, workers=1)
