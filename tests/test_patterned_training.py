@@ -187,3 +187,21 @@ def test_a_zero_target_is_bitwise_the_plain_run(tmp_path):
 def test_patterning_refuses_loader_workers(tmp_path):
     with pytest.raises(ValueError, match="dataloader_num_workers=0"):
         patterning_run(tmp_path, "workers", {"l1h0": 1.0}, workers=1)
+
+
+def test_a_separate_probe_steers_a_large_pool_by_dataset(tmp_path, probe):
+    from susc_callback.patterning.callback import PatterningCallback
+
+    labels = ["a", "b"] * 8
+    trainer, pool, callback = patterning_run(
+        tmp_path, "datasets", {"l1h0": -0.01}, probe=probe, pool_datasets=labels,
+        plan_options={"granularity": "dataset"})
+    plan = callback.history_[-1].plan
+    assert plan.groups == ["a", "b"] and len(callback.history_) == 3
+    for row, label in enumerate(labels):
+        assert (pool.weights[row] == float(plan.weights[plan.groups.index(label)])).all()
+    with pytest.raises(ValueError, match=r"Pool datasets \['c'\] have no probe sequences"):
+        PatterningCallback(pool, {"l1h0": 1.0}, probe=probe, pool_datasets=["c"] * 16,
+                           plan_options={"granularity": "dataset"})
+    with pytest.raises(ValueError, match="pass plan_options=\\{'granularity': 'dataset'\\}"):
+        PatterningCallback(pool, {"l1h0": 1.0}, probe=probe, pool_datasets=labels)

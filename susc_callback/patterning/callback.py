@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -53,6 +54,12 @@ class PatterningCallback(TrainerCallback):
             default every 100 steps, from step 0.
         config: SGLD settings of each estimate.
         sampling_data: what SGLD samples with (default: the pool itself).
+        probe: the sequences whose susceptibilities are estimated (default: the pool
+            itself, with weights per token or sequence). A separate, smaller probe set
+            labelled by dataset steers a large pool by dataset: with
+            ``plan_options={"granularity": "dataset"}`` every pool sequence gets its
+            dataset's weight, from ``pool_datasets``.
+        pool_datasets: the dataset label of every pool sequence (with ``probe``).
         plan_options: keyword arguments of ``plan_patterning`` (granularity, ridge, rank,
             alpha, max_change, min_weight, susceptibility).
         log_dir: TensorBoard run (default: the Trainer's, after :meth:`bind`).
@@ -61,7 +68,8 @@ class PatterningCallback(TrainerCallback):
     def __init__(self, pool: WeightedPool, target: Any, *, components: Any = "heads",
                  schedule: Schedule | int | list[int] | None = None,
                  config: SGLDConfig | None = None, sampling_data: Any = None,
-                 plan_options: dict[str, Any] | None = None, log_dir: str | None = None
+                 plan_options: dict[str, Any] | None = None, log_dir: str | None = None,
+                 probe: ProbeSet | None = None, pool_datasets: list[str] | None = None
                  ) -> None:
         if not isinstance(pool, WeightedPool):
             raise TypeError(f"pool must be a WeightedPool, got {type(pool).__name__}")
@@ -72,8 +80,24 @@ class PatterningCallback(TrainerCallback):
         self.sampling_data = sampling_data
         self.plan_options = dict(plan_options or {})
         self.log_dir = log_dir
-        self.probe = ProbeSet.from_batch({k: v for k, v in pool.tensors.items()
-                                          if k in ("input_ids", "attention_mask")}, "pool")
+        if (probe is None) != (pool_datasets is None):
+            raise ValueError("probe and pool_datasets go together: a separate probe steers "
+                             "the pool by dataset")
+        if probe is not None:
+            if self.plan_options.get("granularity") != "dataset":
+                raise ValueError("A separate probe set steers the pool by dataset: pass "
+                                 "plan_options={'granularity': 'dataset'}")
+            if len(pool_datasets) != len(pool):
+                raise ValueError(f"pool_datasets has {len(pool_datasets)} labels for a pool "
+                                 f"of {len(pool)} sequences")
+            missing = sorted(set(pool_datasets) - set(probe.dataset_names))
+            if missing:
+                raise ValueError(f"Pool datasets {missing} have no probe sequences; the "
+                                 f"probe has {probe.dataset_names}")
+        self.pool_datasets = pool_datasets
+        self.probe = probe or ProbeSet.from_batch(
+            {k: v for k, v in pool.tensors.items() if k in ("input_ids", "attention_mask")},
+            "pool")
         self.history_: list[PatterningStep] = []
         self._trainer: Trainer | None = None
         self._writer: SummaryWriter | None = None
@@ -121,13 +145,22 @@ class PatterningCallback(TrainerCallback):
         result = estimate_susceptibilities(model, self.components, data, self.probe,
                                            self.config, step=step)
         plan = plan_patterning(result, self.target, **self.plan_options)
-        self.pool.set_weights(token_weight_table(plan, result))
+        self.pool.set_weights(self._pool_weights(plan, result))
         coordinates = dict(zip(result.component_names, result.mean_phi.tolist()))
         previous = self.history_[-1].coordinates if self.history_ else None
         realised = None if previous is None else {
             name: coordinates[name] - previous[name] for name in coordinates}
         self.history_.append(PatterningStep(step, coordinates, plan, realised))
         self._log(step, plan, realised)
+
+    def _pool_weights(self, plan: PatterningPlan, result: Any) -> torch.Tensor:
+        """The plan's weights on the pool: per probe token / sequence when the probe is the
+        pool, else each pool sequence's dataset weight on all its tokens."""
+        if self.pool_datasets is None:
+            return token_weight_table(plan, result)
+        by_dataset = dict(zip(plan.groups, plan.weights.tolist()))
+        rows = torch.tensor([by_dataset[d] for d in self.pool_datasets], dtype=torch.float32)
+        return rows[:, None].expand_as(self.pool.weights).clone()
 
     def _log(self, step: int, plan: PatterningPlan, realised: dict[str, float] | None) -> None:
         if self._writer is None:
