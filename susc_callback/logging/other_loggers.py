@@ -29,8 +29,9 @@ def send_media(reporters: list[Any], step: int, media: SnapshotMedia) -> list[st
                        "train/global_step": step})
             sent.append(kind)
         elif kind == "MLflowCallback" and _ready(reporter, "_ml_flow"):
-            for tag, image in media.images.items():
-                reporter._ml_flow.log_image(image, key=tag.replace("/", "_"), step=step)
+            for tag, image in media.images.items():  # synchronous: no lingering threads
+                reporter._ml_flow.log_image(image, key=tag.replace("/", "_"), step=step,
+                                            synchronous=True)
             for tag, text in media.texts.items():
                 reporter._ml_flow.log_text(text, f"susceptibility/{tag.replace('/', '_')}"
                                                  f"_step{step}.md")
