@@ -28,6 +28,7 @@ from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
 from susc_callback.estimator.engine import estimate_susceptibilities
 from susc_callback.patterning.inverse import PatterningPlan, plan_patterning
+from susc_callback.patterning.mixture import MixtureSampler
 from susc_callback.patterning.training import WeightedPool, token_weight_table, weight_summary
 
 
@@ -60,6 +61,10 @@ class PatterningCallback(TrainerCallback):
             ``plan_options={"granularity": "dataset"}`` every pool sequence gets its
             dataset's weight, from ``pool_datasets``.
         pool_datasets: the dataset label of every pool sequence (with ``probe``).
+        mixture_sampler: apply the dataset weights by sampling instead: the
+            :class:`~susc_callback.patterning.mixture.MixtureSampler` the
+            ``PatternedTrainer`` draws its batches with (with ``probe``; the pool's loss
+            weights then stay 1).
         plan_options: keyword arguments of ``plan_patterning`` (granularity, ridge, rank,
             alpha, max_change, min_weight, susceptibility).
         log_dir: TensorBoard run (default: the Trainer's, after :meth:`bind`).
@@ -69,8 +74,8 @@ class PatterningCallback(TrainerCallback):
                  schedule: Schedule | int | list[int] | None = None,
                  config: SGLDConfig | None = None, sampling_data: Any = None,
                  plan_options: dict[str, Any] | None = None, log_dir: str | None = None,
-                 probe: ProbeSet | None = None, pool_datasets: list[str] | None = None
-                 ) -> None:
+                 probe: ProbeSet | None = None, pool_datasets: list[str] | None = None,
+                 mixture_sampler: MixtureSampler | None = None) -> None:
         if not isinstance(pool, WeightedPool):
             raise TypeError(f"pool must be a WeightedPool, got {type(pool).__name__}")
         self.pool, self.target, self.components = pool, target, components
@@ -80,6 +85,12 @@ class PatterningCallback(TrainerCallback):
         self.sampling_data = sampling_data
         self.plan_options = dict(plan_options or {})
         self.log_dir = log_dir
+        if mixture_sampler is not None:
+            if probe is None or pool_datasets is not None:
+                raise ValueError("mixture_sampler needs a probe labelled by dataset (and no "
+                                 "pool_datasets: the sampler knows the pool's labels)")
+            pool_datasets = [name for name, members in zip(
+                mixture_sampler.names, mixture_sampler.members) for _ in members]
         if (probe is None) != (pool_datasets is None):
             raise ValueError("probe and pool_datasets go together: a separate probe steers "
                              "the pool by dataset")
@@ -94,7 +105,7 @@ class PatterningCallback(TrainerCallback):
             if missing:
                 raise ValueError(f"Pool datasets {missing} have no probe sequences; the "
                                  f"probe has {probe.dataset_names}")
-        self.pool_datasets = pool_datasets
+        self.pool_datasets, self.mixture_sampler = pool_datasets, mixture_sampler
         self.probe = probe or ProbeSet.from_batch(
             {k: v for k, v in pool.tensors.items() if k in ("input_ids", "attention_mask")},
             "pool")
@@ -145,7 +156,10 @@ class PatterningCallback(TrainerCallback):
         result = estimate_susceptibilities(model, self.components, data, self.probe,
                                            self.config, step=step)
         plan = plan_patterning(result, self.target, **self.plan_options)
-        self.pool.set_weights(self._pool_weights(plan, result))
+        if self.mixture_sampler is not None:
+            self.mixture_sampler.set_weights(dict(zip(plan.groups, plan.weights.tolist())))
+        else:
+            self.pool.set_weights(self._pool_weights(plan, result))
         coordinates = dict(zip(result.component_names, result.mean_phi.tolist()))
         previous = self.history_[-1].coordinates if self.history_ else None
         realised = None if previous is None else {

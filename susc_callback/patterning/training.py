@@ -72,7 +72,18 @@ class WeightedPool(Dataset):
 
 class PatternedTrainer(Trainer):
     """A ``Trainer`` for causal LMs whose batches may carry ``"loss_weights"`` (from a
-    :class:`WeightedPool`): the weighted loss of this module's docstring."""
+    :class:`WeightedPool`): the weighted loss of this module's docstring. With
+    ``mixture_sampler`` (a :class:`~susc_callback.patterning.mixture.MixtureSampler`) the
+    training batches are drawn by it instead: mixture weights applied by sampling."""
+
+    def __init__(self, *args: Any, mixture_sampler: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mixture_sampler = mixture_sampler
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+        if self.mixture_sampler is not None:
+            return self.mixture_sampler
+        return super()._get_train_sampler(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
