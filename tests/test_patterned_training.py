@@ -198,6 +198,12 @@ def test_a_separate_probe_steers_a_large_pool_by_dataset(tmp_path, probe):
         plan_options={"granularity": "dataset"})
     plan = callback.history_[-1].plan
     assert plan.groups == ["a", "b"] and len(callback.history_) == 3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "datasets" / "tb"))
+    events.Reload()
+    assert events.Scalars("patterning/dataset_weight/a")[-1].value == pytest.approx(
+        plan.weights[0])
     for row, label in enumerate(labels):
         assert (pool.weights[row] == float(plan.weights[plan.groups.index(label)])).all()
     with pytest.raises(ValueError, match=r"Pool datasets \['c'\] have no probe sequences"):

@@ -190,5 +190,8 @@ class PatterningCallback(TrainerCallback):
         for key, value in weight_summary(plan.weights).items():
             self._writer.add_scalar(f"patterning/weights/{key}", value, step)
         self._writer.add_scalar("patterning/weights/clipped", plan.clipped, step)
+        if plan.granularity == "dataset":  # few groups: each one's weight is readable
+            for name, weight in zip(plan.groups, plan.weights):
+                self._writer.add_scalar(f"patterning/dataset_weight/{name}", weight, step)
         self._writer.add_histogram("patterning/weights", np.asarray(plan.weights), step)
         self._writer.flush()
