@@ -22,7 +22,8 @@ ridge inverse, largest change ``--max-change``) and puts the weights into the po
 ``HeadScoresCallback`` measures the second-copy loss of repeated random sequences. The
 script reports the first step at which that loss falls below half its value at step 0,
 per run and seed, and the predicted and realised coordinate changes. It writes
-``patterning.json`` and a figure.
+``patterning.json`` and a figure. docs/patterning.md reports what two seeds gave: the
+weights steer induction strongly, but not yet in the direction of the target.
 """
 
 from __future__ import annotations
