@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +86,8 @@ def build_pool(mode: Mode, seed: int, cache: Path):
     return tokenizer, ids[order], [labels[i] for i in order], probe
 
 
-def run(name: str, mode: Mode, seed: int, out: Path, data, max_change: float) -> dict:
+def run(name: str, mode: Mode, seed: int, out: Path, data, max_change: float,
+        chains: int) -> dict:
     tokenizer, ids, labels, probe = data
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(
@@ -114,7 +115,7 @@ def run(name: str, mode: Mode, seed: int, out: Path, data, max_change: float) ->
             schedule=Schedule(every=mode.replan, at_start=True), probe=probe,
             pool_datasets=labels, sampling_data={"input_ids": ids[:4096]},
             plan_options={"granularity": "dataset", "max_change": max_change},
-            config=SGLDConfig(num_chains=1, num_draws=mode.draws, batch_size=16,
+            config=SGLDConfig(num_chains=chains, num_draws=mode.draws, batch_size=16,
                               observable_sequences=16, seed=seed, progress=False))
         patterning.bind(trainer)
     trainer.train()
@@ -170,17 +171,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--max-change", type=float, default=0.9,
                         help="largest change of a dataset's loss weight (weights 1 +- this)")
+    parser.add_argument("--chains", type=int, default=1, help="SGLD chains per re-plan")
+    parser.add_argument("--draws", type=int, default=None, help="draws per chain per re-plan")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=Path("outputs/cache"))
     args = parser.parse_args()
     mode = MODES["quick" if args.quick else "default"]
+    if args.draws is not None:
+        mode = replace(mode, draws=args.draws)
     out = args.out or Path("outputs") / f"patterning_demo_{'quick' if args.quick else 'default'}"
     results = {}
     for seed in args.seeds:
         data = build_pool(mode, seed, args.cache)
         for name in ("control", "accelerate", "delay"):
             results[(seed, name)] = summary = run(name, mode, seed, out / f"seed{seed}", data,
-                                                  args.max_change)
+                                                  args.max_change, args.chains)
             print(f"seed {seed} {name:10s}: second-copy loss below {summary['threshold']:.2f} "
                   f"first at step {summary['first_step_below_threshold']}"
                   + (f"; first-interval corr(predicted, realised) "
