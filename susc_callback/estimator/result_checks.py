@@ -57,8 +57,11 @@ def check_result_fields(path: str | Path, meta: dict[str, Any], arrays: dict[str
                 "full_loss_trace": traces, "token_sequence": (tokens,),
                 "token_position": (tokens,), "probe_input_ids": (sequences, positions),
                 "probe_attention_mask": (sequences, positions)}
+    if len(traces) != 2:
+        fail(f"loss_traces has shape {arrays['loss_traces'].shape}; it must be (components, "
+             "chains, draws)")
     for key, shape in expected.items():
-        if key in arrays and arrays[key].shape != shape or len(traces) != 2:
+        if key in arrays and arrays[key].shape != shape:
             fail(f"{key} has shape {arrays[key].shape}, but {components} component names, "
                  f"{datasets} dataset names, {sequences} probe sequences and "
                  f"{tokens} probe tokens make it {shape}")
