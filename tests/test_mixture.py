@@ -17,7 +17,7 @@ def test_draws_follow_the_weighted_shares():
     sampler = MixtureSampler(LABELS, {"a": 1.0, "b": 2.0, "c": 0.0}, num_samples=20000,
                              seed=3)
     expected = {"a": 60 / 120, "b": 60 / 120, "c": 0.0}  # shares 0.6, 0.3, 0.1 times weights
-    assert sampler.probabilities() == pytest.approx(expected)
+    assert sampler.probabilities() == pytest.approx(expected) and sampler.labels == LABELS
     drawn = np.array([LABELS[i] for i in sampler])
     for name, p in expected.items():
         share = float((drawn == name).mean())

@@ -8,12 +8,14 @@ import pytest
 from test_analysis import _result
 
 from susc_callback.analysis.token_views import token_quantity
-from susc_callback.components.architectures import layer_of
+from susc_callback.components.architectures import group_by_layer, layer_of
 
 
 def test_layers_of_preset_names():
     assert [layer_of(n) for n in ("l0h3", "l12h0", "l1mlp", "l1", "embed", "mine")] == [
         "l0h", "l12h", "l1mlp", "l1", "", ""]
+    assert group_by_layer(["l0h0", "embed", "l0h1", "l1mlp", "mine"]) == {
+        "l0h": [0, 2], "": [1, 4], "l1mlp": [3]}
 
 
 @pytest.fixture

@@ -5,13 +5,14 @@ The matrix analysed is ``X = chi.T`` (tokens x components).
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, get_args
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA
 
-from susc_callback.components.architectures import layer_of
+from susc_callback.components.architectures import group_by_layer
 from susc_callback.estimator.results import SusceptibilityResult, mean_per_dataset
 
 Standardization = Literal["structural-inference", "spectroscopy", "none"]
@@ -118,18 +119,27 @@ class SusceptibilityPCA(_PCABase):
         return self
 
 
+def pca_or_none(result: SusceptibilityResult, n_components: int,
+                standardization: Standardization) -> SusceptibilityPCA | None:
+    """The PCA of ``result``; None, with a warning naming the snapshot, when its matrix is
+    constant and has no PCs."""
+    try:
+        return SusceptibilityPCA(n_components, standardization).fit(result)
+    except ConstantMatrixError as error:
+        warnings.warn(f"Snapshot at step {result.step} has no PCs: {error}", stacklevel=3)
+        return None
+
+
 def layer_pcas(result: SusceptibilityResult, n_components: int = 3,
                standardization: Standardization = "structural-inference"
                ) -> dict[str, SusceptibilityPCA]:
     """``{layer: PCA of that layer's components}`` (layers as in
     :func:`~susc_callback.components.architectures.layer_of`; the papers' findings are per
     layer), for every layer with at least 2 finite components and a matrix that varies."""
-    layers: dict[str, list[str]] = {}
-    for name, finite in zip(result.component_names, result.finite_components):
-        if finite:
-            layers.setdefault(layer_of(name), []).append(name)
+    finite = [n for n, keep in zip(result.component_names, result.finite_components) if keep]
     fits = {}
-    for layer, names in layers.items():
+    for layer, rows in group_by_layer(finite).items():
+        names = [finite[i] for i in rows]
         if len(names) >= 2:
             try:
                 fits[layer] = SusceptibilityPCA(n_components, standardization).fit(

@@ -3,16 +3,15 @@ draw what is here."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from susc_callback.analysis.pca import (
     CommonBasisPCA,
-    ConstantMatrixError,
     Standardization,
     SusceptibilityPCA,
+    pca_or_none,
 )
 from susc_callback.analysis.series import SnapshotSeries
 from susc_callback.estimator.results import SusceptibilityResult
@@ -65,10 +64,7 @@ def summarize_run(results: list[SusceptibilityResult], *, step: int | None = Non
                          f"{[r.step for r in results]}")
     summary = RunSummary(results, shown, standardization)
     if shown.finite_components.sum() >= 2:
-        try:
-            summary.shown_pca = SusceptibilityPCA(n_pcs, standardization).fit(shown)
-        except ConstantMatrixError as error:
-            warnings.warn(f"Snapshot at step {shown.step} has no PCs: {error}", stacklevel=2)
+        summary.shown_pca = pca_or_none(shown, n_pcs, standardization)
     timed = [r for r in results if r.step is not None and r.finite_components.sum() >= 2]
     if len(timed) >= 2:
         _add_trajectories(summary, timed, n_pcs, standardization)

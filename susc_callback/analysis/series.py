@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
-from susc_callback.analysis.pca import ConstantMatrixError, Standardization, SusceptibilityPCA
+from susc_callback.analysis.pca import Standardization, SusceptibilityPCA, pca_or_none
 from susc_callback.estimator.results import SusceptibilityResult
 
 
@@ -30,10 +28,8 @@ class SnapshotSeries:
                              f"(step {max(self.pcas)})")
         if result.finite_components.sum() < 2:
             return None
-        try:
-            pca = SusceptibilityPCA(self.n_pcs, self.standardization).fit(result)
-        except ConstantMatrixError as error:
-            warnings.warn(f"Snapshot at step {result.step} has no PCs: {error}", stacklevel=2)
+        pca = pca_or_none(result, self.n_pcs, self.standardization)
+        if pca is None:
             return None
         if self.pcas:
             pca.align_to(self.pcas[max(self.pcas)])

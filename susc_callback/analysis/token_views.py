@@ -26,7 +26,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from susc_callback.analysis.pca import Standardization, standardize
-from susc_callback.components.architectures import layer_of
+from susc_callback.components.architectures import group_by_layer
 from susc_callback.estimator.results import SusceptibilityResult
 
 TokenQuantity = Literal["relative-to-layer", "chi", "covariance"]
@@ -65,20 +65,19 @@ def token_quantity(result: SusceptibilityResult, quantity: TokenQuantity = DEFAU
         raw = chi
     else:
         raw = _relative_to_layer(chi, result.chi_covariance[finite], result.mean_phi[finite],
-                                 [layer_of(result.component_names[c]) for c in finite])
+                                 [result.component_names[c] for c in finite])
     values[finite] = standardize(raw, standardization).T
     return values
 
 
 def _relative_to_layer(chi: np.ndarray, covariance: np.ndarray, mean_phi: np.ndarray,
-                       layers: list[str]) -> np.ndarray:
+                       names: list[str]) -> np.ndarray:
     """``chi - E_C[phi] * mean u`` over each component's layer (the module docstring). A
     component alone in its layer is left with its covariance part."""
     scale = np.where(mean_phi != 0, mean_phi, np.nan)[:, None]
     per_unit_phi = (chi - covariance) / scale
     relative = np.empty_like(chi)
-    for layer in set(layers):
-        rows = [i for i, name in enumerate(layers) if name == layer]
+    for rows in group_by_layer(names).values():
         shared = np.nanmean(per_unit_phi[rows], axis=0)
         relative[rows] = chi[rows] - mean_phi[rows, None] * shared
     return np.where(np.isfinite(relative), relative, covariance)

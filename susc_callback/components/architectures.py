@@ -256,3 +256,11 @@ def layer_of(name: str) -> str:
     if match is None:
         return ""
     return f"l{match.group(1)}{'h' if match.group(2) else name[match.end():]}"
+
+
+def group_by_layer(names: list[str]) -> dict[str, list[int]]:
+    """``{layer: indices into names}`` in order of first appearance (:func:`layer_of`)."""
+    groups: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        groups.setdefault(layer_of(name), []).append(index)
+    return groups

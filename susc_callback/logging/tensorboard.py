@@ -42,7 +42,7 @@ from susc_callback.analysis.attribution import (
 )
 from susc_callback.analysis.pca import SusceptibilityPCA, layer_pcas, standardize
 from susc_callback.analysis.series import SnapshotSeries
-from susc_callback.components.architectures import layer_of
+from susc_callback.components.architectures import group_by_layer
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.figures import (
     curves_figure,
@@ -123,10 +123,8 @@ def custom_scalars_layout(dataset_names: list[str], n_pcs: int, component_names:
 
 
 def _layers(component_names: list[str]) -> dict[str, list[str]]:
-    layers: dict[str, list[str]] = {}
-    for name in component_names:
-        layers.setdefault(layer_of(name), []).append(name)
-    return layers
+    return {layer: [component_names[i] for i in rows]
+            for layer, rows in group_by_layer(component_names).items()}
 
 
 @dataclass

@@ -89,8 +89,7 @@ class PatterningCallback(TrainerCallback):
             if probe is None or pool_datasets is not None:
                 raise ValueError("mixture_sampler needs a probe labelled by dataset (and no "
                                  "pool_datasets: the sampler knows the pool's labels)")
-            pool_datasets = [name for name, members in zip(
-                mixture_sampler.names, mixture_sampler.members) for _ in members]
+            pool_datasets = mixture_sampler.labels
         if (probe is None) != (pool_datasets is None):
             raise ValueError("probe and pool_datasets go together: a separate probe steers "
                              "the pool by dataset")

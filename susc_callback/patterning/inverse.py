@@ -119,10 +119,10 @@ def plan_patterning(result: SusceptibilityResult, target: object, *,
     goal = _target_vector(result, target, names)
     groups, index = _groups(result, granularity)
     counts = np.bincount(index, minlength=len(groups)).astype(np.float64)
-    indicator = np.zeros((len(index), len(groups)))
-    indicator[np.arange(len(index)), index] = 1.0
     centred = matrix[finite] - matrix[finite].mean(axis=1, keepdims=True)
-    jacobian = result.config["n_beta"] / len(index) * centred @ indicator
+    group_sums = np.stack([np.bincount(index, weights=row, minlength=len(groups))
+                           for row in centred])  # X_c A, without the tokens x groups matrix
+    jacobian = result.config["n_beta"] / len(index) * group_sums
     u, s, vt = np.linalg.svd(jacobian / np.sqrt(counts), full_matrices=False)
     keep = len(s) if rank is None else min(rank, len(s))
     lam = ridge * float(s[0]) ** 2 if len(s) and s[0] > 0 else ridge

@@ -22,7 +22,8 @@ class MixtureSampler(Sampler[int]):
 
     def __init__(self, datasets: Sequence[str], weights: Mapping[str, float] | None = None,
                  num_samples: int | None = None, chunk: int = 256, seed: int = 0) -> None:
-        self.names = sorted(set(datasets))
+        self.labels = list(datasets)
+        self.names = sorted(set(self.labels))
         labels = torch.tensor([self.names.index(d) for d in datasets])
         self.members = [torch.nonzero(labels == i).flatten() for i in range(len(self.names))]
         self.shares = torch.tensor([len(m) / len(labels) for m in self.members],
