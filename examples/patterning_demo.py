@@ -10,20 +10,20 @@ installation, and random spans repeated with a period of 8-40 (``induction``), w
 induction heads can predict. Three runs from one initialisation and one data order:
 
 * control: no reweighting;
-* accelerate: ``PatterningCallback`` aims to *raise* the layer-1 heads' coordinates
-  ``E_C[phi]`` (``rLLC / n_beta``), the direction they move when induction forms. In the
-  induction demo's run, their mean rose from 0.02-0.04 before step 1000 to 0.10 at step
-  1500, as the second-copy loss collapsed;
-* delay: it aims to *lower* them.
+* accelerate: ``PatterningCallback`` aims to *lower* the layer-1 heads' coordinates
+  ``E_C[phi]`` (``rLLC / n_beta``). To first order, up-weighting data that a component
+  responds to lowers its coordinate: the plan up-weights what the layer-1 heads (the
+  induction heads to be) respond to;
+* delay: it aims to *raise* them.
 
 Every ``replan`` steps the callback estimates the layer-1 heads' susceptibilities on a
 probe of each dataset. It re-plans one loss weight per dataset (``granularity="dataset"``,
-ridge inverse, largest change ``--max-change``) and puts the weights into the pool.
+ridge inverse, largest change ``--max-change``), averages it with the weights applied
+before (``--smoothing``) and puts the weights into the pool.
 ``HeadScoresCallback`` measures the second-copy loss of repeated random sequences. The
 script reports the first step at which that loss falls below half its value at step 0,
 per run and seed, and the predicted and realised coordinate changes. It writes
-``patterning.json`` and a figure. docs/patterning.md reports what two seeds gave: the
-weights steer induction strongly, but not yet in the direction of the target.
+``patterning.json`` and a figure. docs/patterning.md reports what the seeds gave.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Mode:
 
 
 MODES = {"quick": Mode(steps=300, replan=100, pool=2048, probe_per_dataset=4, draws=10),
-         "default": Mode(steps=2000, replan=200, pool=32768, probe_per_dataset=8, draws=20)}
+         "default": Mode(steps=2000, replan=200, pool=32768, probe_per_dataset=8, draws=40)}
 
 
 def build_pool(mode: Mode, seed: int, cache: Path):
@@ -86,8 +86,8 @@ def build_pool(mode: Mode, seed: int, cache: Path):
     return tokenizer, ids[order], [labels[i] for i in order], probe
 
 
-def run(name: str, mode: Mode, seed: int, out: Path, data, max_change: float,
-        chains: int) -> dict:
+def run(name: str, mode: Mode, seed: int, out: Path, data, options: argparse.Namespace
+        ) -> dict:
     tokenizer, ids, labels, probe = data
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(
@@ -108,14 +108,15 @@ def run(name: str, mode: Mode, seed: int, out: Path, data, max_change: float,
                                data_collator=default_data_collator, callbacks=[heads])
     patterning = None
     if name != "control":
-        sign = 1.0 if name == "accelerate" else -1.0
+        sign = -1.0 if name == "accelerate" else 1.0
         patterning = PatterningCallback(
             pool, {head: sign for head in HEADS},
             components=[c for c in head_components(model) if c.name in HEADS],
             schedule=Schedule(every=mode.replan, at_start=True), probe=probe,
             pool_datasets=labels, sampling_data={"input_ids": ids[:4096]},
-            plan_options={"granularity": "dataset", "max_change": max_change},
-            config=SGLDConfig(num_chains=chains, num_draws=mode.draws, batch_size=16,
+            plan_options={"granularity": "dataset", "max_change": options.max_change},
+            smoothing=options.smoothing,
+            config=SGLDConfig(num_chains=options.chains, num_draws=mode.draws, batch_size=16,
                               observable_sequences=16, seed=seed, progress=False))
         patterning.bind(trainer)
     trainer.train()
@@ -133,6 +134,7 @@ def summarize(history: dict, patterning: PatterningCallback | None) -> dict:
     if patterning is not None:
         summary["replans"] = [
             {"step": h.step, "weights": dict(zip(h.plan.groups, h.plan.weights.tolist())),
+             "applied": h.applied,
              "predicted": dict(zip(h.plan.component_names, h.plan.predicted.tolist())),
              "realised_since_previous": h.realised} for h in patterning.history_]
     return summary
@@ -150,16 +152,23 @@ def first_interval_correlation(summary: dict) -> float | None:
 
 
 def figure(results: dict, path: Path) -> None:
-    fig = Figure(figsize=(7.5, 4.0), layout="constrained")
-    axes = fig.add_subplot()
+    fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+    loss_axes, score_axes = fig.subplots(1, 2)
+    styles = ["-", "--", ":", "-."]
+    seeds = sorted({seed for seed, _ in results})
     for (seed, name), summary in results.items():
-        axes.plot(summary["steps"], summary["second_copy_loss"],
-                  label=f"{name} (seed {seed})", linestyle="-" if seed == 0 else "--",
-                  color={"control": "black", "accelerate": "tab:green",
-                         "delay": "tab:red"}[name])
-    axes.set_xlabel("training step")
-    axes.set_ylabel("second-copy loss")
-    axes.set_title("Induction: second-copy loss under patterning", fontsize=10)
+        style = {"linestyle": styles[seeds.index(seed) % len(styles)],
+                 "color": {"control": "black", "accelerate": "tab:green",
+                           "delay": "tab:red"}[name]}
+        loss_axes.plot(summary["steps"], summary["second_copy_loss"],
+                       label=f"{name} (seed {seed})", **style)
+        score_axes.plot(summary["steps"], np.max(summary["prefix_matching_l1"], axis=1),
+                        **style)
+    loss_axes.set_ylabel("second-copy loss")
+    score_axes.set_ylabel("largest prefix-matching score, layer-1 heads")
+    for axes in (loss_axes, score_axes):
+        axes.set_xlabel("training step")
+    fig.suptitle("Induction under patterning", fontsize=10)
     fig.legend(fontsize=8, loc="outside right upper")
     fig.savefig(path, dpi=110)
 
@@ -171,7 +180,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--max-change", type=float, default=0.9,
                         help="largest change of a dataset's loss weight (weights 1 +- this)")
-    parser.add_argument("--chains", type=int, default=1, help="SGLD chains per re-plan")
+    parser.add_argument("--smoothing", type=float, default=0.5,
+                        help="weight of the previous weights when a re-plan is applied")
+    parser.add_argument("--chains", type=int, default=2, help="SGLD chains per re-plan")
     parser.add_argument("--draws", type=int, default=None, help="draws per chain per re-plan")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=Path("outputs/cache"))
@@ -185,7 +196,7 @@ def main() -> None:
         data = build_pool(mode, seed, args.cache)
         for name in ("control", "accelerate", "delay"):
             results[(seed, name)] = summary = run(name, mode, seed, out / f"seed{seed}", data,
-                                                  args.max_change, args.chains)
+                                                  args)
             print(f"seed {seed} {name:10s}: second-copy loss below {summary['threshold']:.2f} "
                   f"first at step {summary['first_step_below_threshold']}"
                   + (f"; first-interval corr(predicted, realised) "

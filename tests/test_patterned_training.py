@@ -211,3 +211,39 @@ def test_a_separate_probe_steers_a_large_pool_by_dataset(tmp_path, probe):
                            plan_options={"granularity": "dataset"})
     with pytest.raises(ValueError, match="pass plan_options=\\{'granularity': 'dataset'\\}"):
         PatterningCallback(pool, {"l1h0": 1.0}, probe=probe, pool_datasets=labels)
+
+
+@pytest.mark.parametrize("by_sampling", [False, True])
+def test_smoothing_averages_the_plans(tmp_path, probe, by_sampling):
+    """With smoothing s, the weights applied at re-plan k are s times those applied at k-1
+    plus (1 - s) times plan k's; the first plan is applied as it is."""
+    from susc_callback.patterning.mixture import MixtureSampler
+
+    labels = ["a", "b"] * 8
+    routing = ({"mixture_sampler": MixtureSampler(labels, seed=0)} if by_sampling
+               else {"pool_datasets": labels})
+    _, pool, callback = patterning_run(tmp_path, f"smooth{by_sampling}", {"l1h0": -0.01},
+                                       probe=probe, smoothing=0.75,
+                                       plan_options={"granularity": "dataset"}, **routing)
+    plans = [dict(zip(h.plan.groups, h.plan.weights.tolist())) for h in callback.history_]
+    expected = dict(plans[0])
+    for plan, record in zip(plans, callback.history_):
+        if record is not callback.history_[0]:
+            expected = {d: 0.75 * expected[d] + 0.25 * plan[d] for d in plan}
+        assert record.applied == pytest.approx(expected)
+    assert len(plans) == 3 and plans[0] != plans[-1]
+    if by_sampling:
+        assert callback.mixture_sampler.weights.tolist() == pytest.approx(
+            [expected["a"], expected["b"]])
+    else:
+        for row, label in enumerate(labels):
+            assert pool.weights[row].tolist() == pytest.approx([expected[label]] * CONTEXT)
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, 1.0, True, float("nan")])
+def test_bad_smoothing_is_refused(smoothing):
+    from susc_callback.patterning.callback import PatterningCallback
+
+    with pytest.raises(ValueError, match="smoothing must be a number in \\[0, 1\\)"):
+        PatterningCallback(WeightedPool({"input_ids": pool_ids()}), {"l1h0": 1.0},
+                           smoothing=smoothing)

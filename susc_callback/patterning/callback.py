@@ -34,13 +34,15 @@ from susc_callback.patterning.training import WeightedPool, token_weight_table, 
 
 @dataclass
 class PatterningStep:
-    """One re-estimation: the coordinates, the plan and the realised change since the
-    previous re-estimation (None at the first)."""
+    """One re-estimation: the coordinates, the plan, the realised change since the
+    previous re-estimation (None at the first) and, with dataset weights, the weight
+    applied to each dataset (the plan's, smoothed with the previous ones)."""
 
     step: int
     coordinates: dict[str, float]
     plan: PatterningPlan
     realised: dict[str, float] | None
+    applied: dict[str, float] | None = None
 
 
 class PatterningCallback(TrainerCallback):
@@ -67,6 +69,11 @@ class PatterningCallback(TrainerCallback):
             weights then stay 1).
         plan_options: keyword arguments of ``plan_patterning`` (granularity, ridge, rank,
             alpha, max_change, min_weight, susceptibility).
+        smoothing: in [0, 1): the weights applied after a re-plan are ``smoothing`` times
+            the previous ones plus ``1 - smoothing`` times the new plan's (the first plan
+            is applied as it is). A plan from few SGLD draws is noisy; smoothing averages
+            it over re-plans (about ``1 / (1 - smoothing)`` of them) at the price of
+            following a changing model more slowly. Default 0: each plan as it is.
         log_dir: TensorBoard run (default: the Trainer's, after :meth:`bind`).
     """
 
@@ -75,9 +82,13 @@ class PatterningCallback(TrainerCallback):
                  config: SGLDConfig | None = None, sampling_data: Any = None,
                  plan_options: dict[str, Any] | None = None, log_dir: str | None = None,
                  probe: ProbeSet | None = None, pool_datasets: list[str] | None = None,
-                 mixture_sampler: MixtureSampler | None = None) -> None:
+                 mixture_sampler: MixtureSampler | None = None, smoothing: float = 0.0
+                 ) -> None:
         if not isinstance(pool, WeightedPool):
             raise TypeError(f"pool must be a WeightedPool, got {type(pool).__name__}")
+        if isinstance(smoothing, bool) or not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
+        self.smoothing = float(smoothing)
         self.pool, self.target, self.components = pool, target, components
         self.schedule = Schedule.coerce(schedule if schedule is not None else
                                         Schedule(every=100, at_start=True))
@@ -155,29 +166,36 @@ class PatterningCallback(TrainerCallback):
         result = estimate_susceptibilities(model, self.components, data, self.probe,
                                            self.config, step=step)
         plan = plan_patterning(result, self.target, **self.plan_options)
-        if self.mixture_sampler is not None:
-            self.mixture_sampler.set_weights(dict(zip(plan.groups, plan.weights.tolist())))
+        keep = self.smoothing if self.history_ else 0.0
+        applied = None
+        if self.pool_datasets is None:
+            self.pool.set_weights(keep * self.pool.weights
+                                  + (1 - keep) * token_weight_table(plan, result))
         else:
-            self.pool.set_weights(self._pool_weights(plan, result))
+            planned = dict(zip(plan.groups, plan.weights.tolist()))
+            previous = self.history_[-1].applied if self.history_ else planned
+            applied = {d: keep * previous[d] + (1 - keep) * planned[d] for d in planned}
+            if self.mixture_sampler is not None:
+                self.mixture_sampler.set_weights(
+                    {d: applied[d] for d in self.mixture_sampler.names})
+            else:
+                self.pool.set_weights(self._dataset_rows(applied))
         coordinates = dict(zip(result.component_names, result.mean_phi.tolist()))
         previous = self.history_[-1].coordinates if self.history_ else None
         realised = None if previous is None else {
             name: coordinates[name] - previous[name] for name in coordinates}
-        self.history_.append(PatterningStep(step, coordinates, plan, realised))
-        self._log(step, plan, realised)
+        self.history_.append(PatterningStep(step, coordinates, plan, realised, applied))
+        self._log(self.history_[-1])
 
-    def _pool_weights(self, plan: PatterningPlan, result: Any) -> torch.Tensor:
-        """The plan's weights on the pool: per probe token / sequence when the probe is the
-        pool, else each pool sequence's dataset weight on all its tokens."""
-        if self.pool_datasets is None:
-            return token_weight_table(plan, result)
-        by_dataset = dict(zip(plan.groups, plan.weights.tolist()))
-        rows = torch.tensor([by_dataset[d] for d in self.pool_datasets], dtype=torch.float32)
+    def _dataset_rows(self, weights: dict[str, float]) -> torch.Tensor:
+        """Each pool sequence's dataset weight on all its tokens."""
+        rows = torch.tensor([weights[d] for d in self.pool_datasets], dtype=torch.float32)
         return rows[:, None].expand_as(self.pool.weights).clone()
 
-    def _log(self, step: int, plan: PatterningPlan, realised: dict[str, float] | None) -> None:
+    def _log(self, record: PatterningStep) -> None:
         if self._writer is None:
             return
+        step, plan, realised = record.step, record.plan, record.realised
         targeted = [i for i, value in enumerate(plan.target) if value != 0] or \
             range(len(plan.target))
         for i in targeted:
@@ -189,8 +207,7 @@ class PatterningCallback(TrainerCallback):
         for key, value in weight_summary(plan.weights).items():
             self._writer.add_scalar(f"patterning/weights/{key}", value, step)
         self._writer.add_scalar("patterning/weights/clipped", plan.clipped, step)
-        if plan.granularity == "dataset":  # few groups: each one's weight is readable
-            for name, weight in zip(plan.groups, plan.weights):
-                self._writer.add_scalar(f"patterning/dataset_weight/{name}", weight, step)
+        for name, weight in (record.applied or {}).items():  # few datasets: each readable
+            self._writer.add_scalar(f"patterning/dataset_weight/{name}", weight, step)
         self._writer.add_histogram("patterning/weights", np.asarray(plan.weights), step)
         self._writer.flush()
