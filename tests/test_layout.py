@@ -16,6 +16,7 @@ LAYERS = [
     {"estimator"},
     {"store.run", "store"},
     {"analysis"},
+    {"influence"},
     {"logging"},
     {"callback"},
     {"patterning"},

@@ -55,15 +55,18 @@ def as_components(model: nn.Module, spec: object = None) -> list[Component]:
                     "{name: {parameter name: mask or None}}")
 
 
-def resolve_components(model: nn.Module, spec: object = None) -> list[ResolvedComponent]:
+def resolve_components(model: nn.Module, spec: object = None, *, allow_none: bool = False
+                       ) -> list[ResolvedComponent]:
     """Validate components against ``model``; raise ``ValueError`` naming what is wrong.
 
     Checks: unique names, known parameter names (aliases of tied parameters are mapped to
     the canonical name), boolean masks of the parameter's shape, no empty component, and no
-    overlap between components unless both set ``allow_overlap``.
+    overlap between components unless both set ``allow_overlap``. An empty list is refused
+    unless ``allow_none`` (an estimate of the full chain alone).
     """
-    components = as_components(model, spec)
-    if not components:
+    components = [] if allow_none and isinstance(spec, (list, tuple)) and not spec else \
+        as_components(model, spec)
+    if not components and not allow_none:
         raise ValueError("No components to estimate: the component list is empty")
     canonical = canonical_parameter_names(model)
     params = dict(model.named_parameters())

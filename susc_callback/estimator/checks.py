@@ -19,10 +19,11 @@ from susc_callback.data.sampling import LossFn, SamplingData, causal_lm_valid_ta
 
 def check_inputs(model: nn.Module, components: Any, sampling_data: Any, probe: ProbeSet,
                  config: SGLDConfig, *, loss_fn: LossFn | None = None,
-                 collate_fn: Callable | None = None
+                 collate_fn: Callable | None = None, allow_no_components: bool = False
                  ) -> tuple[list[ResolvedComponent], SamplingData]:
     """Everything that can be checked without sampling; raises a clear ``ValueError`` or
-    ``TypeError``. Returns the resolved components and the sampling data."""
+    ``TypeError``. Returns the resolved components and the sampling data (an empty
+    component list, the full chain alone, only with ``allow_no_components``)."""
     if not isinstance(probe, ProbeSet):
         raise TypeError(f"probe must be a ProbeSet, got {type(probe).__name__}")
     if not isinstance(config, SGLDConfig):
@@ -30,7 +31,7 @@ def check_inputs(model: nn.Module, components: Any, sampling_data: Any, probe: P
     check_parameters_hold_values(model)
     if loss_fn is None:
         check_default_loss_applies(model)
-    resolved = resolve_components(model, components)
+    resolved = resolve_components(model, components, allow_none=allow_no_components)
     data = sampling_data if isinstance(sampling_data, SamplingData) else SamplingData(
         sampling_data, collate_fn)
     check_data_size(len(data), config)

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from copy import deepcopy
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from susc_callback.components.component import Component
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
 from susc_callback.data.sampling import LossFn
 from susc_callback.estimator.checks import check_inputs
+from susc_callback.estimator.moments import LossCrossMoments
 from susc_callback.estimator.plan import FULL
 from susc_callback.estimator.planner import plan_estimate
 from susc_callback.estimator.progress import chain_progress
@@ -33,7 +37,8 @@ from susc_callback.sampler.activations import swap_activations
 from susc_callback.sampler.divergence import ChainDivergedError
 from susc_callback.sampler.isolation import ieee_float32, preserved_rng_state
 
-__all__ = ["ChainDivergedError", "check_inputs", "estimate_susceptibilities"]
+__all__ = ["ChainDivergedError", "Draws", "check_inputs", "estimate_susceptibilities",
+           "sample_draws"]
 
 
 def estimate_susceptibilities(
@@ -70,20 +75,52 @@ def estimate_susceptibilities(
         negative entries mean the component expresses the token's pattern.
     """
     config = config or SGLDConfig()
+    drawn = sample_draws(model, components, sampling_data, probe, config, loss_fn=loss_fn,
+                         collate_fn=collate_fn)
+    return SusceptibilityResult.from_sums(
+        {c.name: drawn.sums[c.name] for c in drawn.components}, drawn.sums[FULL], probe,
+        drawn.token_sequence, drawn.token_position, drawn.anchor, config, step, drawn.failed)
+
+
+@dataclass
+class Draws:
+    """What the chains of an estimate leave: the running sums of every component (and of
+    the full chain, under ``FULL``), the components that failed, and the plan's probe
+    layout and fixed ``L(w*)`` (None when it varied per draw)."""
+
+    components: list[Component]
+    sums: dict[str, DrawSums]
+    failed: dict[str, str]
+    token_sequence: np.ndarray
+    token_position: np.ndarray
+    anchor: torch.Tensor | None
+
+
+def sample_draws(model: nn.Module, components: Any, sampling_data: Any, probe: ProbeSet,
+                 config: SGLDConfig, *, loss_fn: LossFn | None = None,
+                 collate_fn: Callable | None = None,
+                 moments: Callable[[np.ndarray, np.ndarray], Callable[[], LossCrossMoments]]
+                 | None = None) -> Draws:
+    """Check the inputs, run every chain and return the running sums (the engine without
+    the result assembly, for estimates other than ``chi``). ``moments(token_sequence,
+    token_position)`` returns a factory of the cross-moments each component's sums
+    keep, given the plan's probe-token layout. An empty ``components`` list runs the full
+    chain alone."""
     device = torch.device(config.device) if config.device else _model_device(model)
     # Gradients are needed even when the caller is inside no_grad() or inference_mode().
     with preserved_rng_state(device), ieee_float32(), torch.inference_mode(False), \
             torch.enable_grad():
         # (collating may draw random numbers: inside preserved_rng_state)
         resolved, data = check_inputs(model, components, sampling_data, probe, config,
-                                      loss_fn=loss_fn, collate_fn=collate_fn)
+                                      loss_fn=loss_fn, collate_fn=collate_fn,
+                                      allow_no_components=moments is not None)
         snapshot = _float32_snapshot(model, device)
         plan = plan_estimate(snapshot, resolved, data, probe, config, loss_fn, device)
-        runner = ChainRunner(plan, data, config, device)
+        factory = moments(plan.token_sequence, plan.token_position) if moments else None
+        runner = ChainRunner(plan, data, config, device, factory)
         sums, failed = _run_chains(runner, config, device)
-        return SusceptibilityResult.from_sums(
-            {c.name: sums[c.name] for c in resolved}, sums[FULL], probe, plan.token_sequence,
-            plan.token_position, plan.anchor, config, step, failed)
+        return Draws(list(resolved), sums, failed, plan.token_sequence, plan.token_position,
+                     plan.anchor)
 
 
 def _run_chains(runner: ChainRunner, config: SGLDConfig, device: torch.device

@@ -16,6 +16,7 @@ import torch
 
 from susc_callback.config import SGLDConfig
 from susc_callback.data.sampling import EpochSampler, SamplingData
+from susc_callback.estimator.moments import LossCrossMoments
 from susc_callback.estimator.plan import FULL, EstimatePlan, OptimumDraw
 from susc_callback.estimator.stacking_policy import StackLimit, refuse_stacking
 from susc_callback.estimator.sums import DrawSums
@@ -39,11 +40,14 @@ class ChainRunner:
 
     Its own state, which the plan does not hold: the components that failed, the groups
     that fell back to one chain at a time, and the stack limit after out-of-memory halving.
+    ``moments`` (a factory) gives every component's sums cross-moments of the probe losses.
     """
 
     def __init__(self, plan: EstimatePlan, data: SamplingData, config: SGLDConfig,
-                 device: torch.device) -> None:
+                 device: torch.device,
+                 moments: Callable[[], LossCrossMoments] | None = None) -> None:
         self.plan, self.data, self.config, self.device = plan, data, config, device
+        self.moments = moments
         self.params = dict(plan.model.named_parameters())
         self.failed: dict[str, str] = {}
         self.stacked = [group.stacked for group in plan.groups]
@@ -54,7 +58,8 @@ class ChainRunner:
         """Chains ``chain_indices`` of every group; their draws in fresh sums."""
         cfg = self.config
         sums = {c.name: DrawSums(self.plan.num_tokens, cfg.num_chains, cfg.num_draws,
-                                 self.device) for c in self.plan.components}
+                                 self.device, self.moments() if self.moments else None)
+                for c in self.plan.components}
         for chain_index in chain_indices:
             for group_index in range(len(self.plan.groups)):
                 self._run_chain(group_index, chain_index, sums, progress)

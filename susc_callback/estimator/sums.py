@@ -18,15 +18,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from susc_callback.estimator.moments import LossCrossMoments
+
 
 class DrawSums:
     """Float64 running sums of one component's draws (all its chains pooled).
 
-    Memory is O(probe tokens), independent of the number of draws.
+    Memory is O(probe tokens), independent of the number of draws. With ``moments`` the
+    draws' probe losses also go into those cross-moments (the influence matrix's sums).
     """
 
     def __init__(self, num_tokens: int, num_chains: int, num_draws: int,
-                 device: torch.device) -> None:
+                 device: torch.device, moments: LossCrossMoments | None = None) -> None:
+        self.moments = moments
         zeros = torch.zeros((), dtype=torch.float64, device=device)
         self.count = 0
         self.phi = zeros.clone()
@@ -52,6 +56,8 @@ class DrawSums:
         self.phi_token += phi * token_losses
         self.loss_trace[chain, draw] = loss
         self.anchor += anchor_loss.double()
+        if self.moments is not None:
+            self.moments.add(token_losses)
 
     def merge(self, other: DrawSums, chains: list[int]) -> None:
         """Add the draws of ``other``, which holds those of chains ``chains``."""
@@ -59,6 +65,8 @@ class DrawSums:
         for name in ("phi", "loss", "phi_loss", "token", "phi_token", "anchor"):
             getattr(self, name).add_(getattr(other, name))
         self.loss_trace[chains] = other.loss_trace[chains]
+        if self.moments is not None:
+            self.moments.merge(other.moments)
 
     def mean_phi(self) -> float:
         return float(self.phi / self.count) if self.count else float("nan")
