@@ -30,13 +30,13 @@ from test_closed_form import (
     DRAWS,
     EPS,
     GAMMA,
-    N,
     N_BETA,
     NUM_SAMPLING_PROBES,
-    P,
     REPLICATES,
-    Z,
+    N,
+    P,
     Problem,
+    Z,
     loss_fn,
     sample_loss,
 )
@@ -119,7 +119,8 @@ def engine(problem):
 def test_influence_matches_closed_form(problem, engine, posterior):
     idx = POSTERIORS[posterior]
     exact, exact_variance = exact_influence(problem, idx)
-    simulated, simulated_variance = simulated_influence(problem, idx, seed=11 + list(POSTERIORS).index(posterior))
+    seed = 11 + list(POSTERIORS).index(posterior)
+    simulated, simulated_variance = simulated_influence(problem, idx, seed)
     spread = np.std(simulated, axis=0, ddof=1)
     np.testing.assert_array_less(np.abs(simulated.mean(0) - exact),
                                  5 * spread / math.sqrt(REPLICATES))

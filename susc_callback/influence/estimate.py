@@ -119,7 +119,8 @@ def _as_probe(value: Any, what: str) -> ProbeSet:
 def _concatenate(train: ProbeSet, queries: ProbeSet) -> ProbeSet:
     """One probe set: the training sequences, then the queries (right-padded and masked
     to a common length when their lengths differ)."""
-    if set(train.tensors) != set(queries.tensors):
+    keys = [set(p.tensors) - {"attention_mask"} for p in (train, queries)]
+    if keys[0] != keys[1]:
         raise ValueError(f"train and queries hold different inputs: {sorted(train.tensors)} "
                          f"vs {sorted(queries.tensors)}")
     parts = [dict(train.tensors), dict(queries.tensors)]
