@@ -99,6 +99,18 @@ class InfluenceResult:
                 values = np.where(scale > 0, values / scale, np.nan)
         return values
 
+    def sequence_matrix(self, posterior: str = "full") -> np.ndarray:
+        """``(S_train, S_query)`` the covariance form with both sides' rows averaged per
+        sequence: the influence of a training sequence (the mean of its token losses) on a
+        query sequence's mean loss. Exact from token rows, since a covariance is linear in
+        each argument; the stored matrix itself for sequence rows."""
+        values = self.matrix(posterior)
+        for axis, rows, count in ((0, self.train_rows, len(self.train_index)),
+                                  (1, self.query_rows, len(self.query_datasets))):
+            values = np.moveaxis(_mean_by(np.moveaxis(values, axis, 0), rows[:, 0], count),
+                                 0, axis)
+        return values
+
     def top(self, query: int, count: int = 5, posterior: str = "full",
             kind: str = "covariance") -> dict[str, list[tuple[int, float]]]:
         """The training rows that most raise and most lower query row ``query``'s loss:
@@ -150,3 +162,10 @@ class InfluenceResult:
             raise ResultFileError(path, f"arrays do not fit an influence matrix of shape "
                                         f"{(k, i, j)}: {wrong}")
         return result
+
+
+def _mean_by(values: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+    """``(count, ...)``: the mean of ``values`` rows sharing each label."""
+    totals = np.zeros((count, *values.shape[1:]))
+    np.add.at(totals, labels, values)
+    return totals / np.bincount(labels, minlength=count).reshape(-1, *[1] * (values.ndim - 1))

@@ -11,7 +11,6 @@ towards green (``v > 0``, suppresses) or red (``v < 0``, expresses) by ``|v| / s
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from susc_callback.logging.figures import (
     token_trajectory_figure,
     trajectory_figure,
 )
+from susc_callback.logging.page import PAGE, figure_section
 from susc_callback.logging.token_view import SCRIPT, token_view_section
 
 
@@ -67,11 +67,11 @@ def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
     sections = [
         _header(title, summary),
         token_view_section(summary, texts),
-        *(_figure_section(name, caption, figure, out_dir)
+        *(figure_section(name, caption, figure, out_dir)
           for name, (caption, figure) in _figures(summary, training_loss).items()),
         _top_tokens_table(summary.shown, texts, top_tokens),
     ]
-    page = _PAGE.format(title=html.escape(title), body="\n".join(sections), script=SCRIPT)
+    page = PAGE.format(title=html.escape(title), body="\n".join(sections), script=SCRIPT)
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
@@ -143,15 +143,6 @@ def _header(title: str, summary: RunSummary) -> str:
             + (f"<p>Failed components at this step:</p><ul>{failed}</ul>" if failed else ""))
 
 
-def _figure_section(name: str, caption: str, figure: Figure, out_dir: Path) -> str:
-    path = out_dir / "figures" / f"{name}.png"
-    figure.savefig(path, dpi=110)
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure id="{name}"><img alt="{html.escape(name)}" '
-            f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}'
-            "</figcaption></figure>")
-
-
 def _top_tokens_table(result: SusceptibilityResult, texts: list[list[str]], k: int) -> str:
     rows = []
     for row, name in enumerate(result.component_names):
@@ -170,23 +161,3 @@ def _top_tokens_table(result: SusceptibilityResult, texts: list[list[str]], k: i
     return ("<h2>Tokens each component expresses and suppresses</h2><table><tr><th>component"
             "</th><th>expresses (most negative)</th><th>suppresses (most positive)</th></tr>"
             + "".join(rows) + "</table>")
-
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }}
-.tokens {{ font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.7; }}
-.seq {{ margin: 0.3em 0; white-space: pre-wrap; }}
-.label {{ color: #777; font-size: 11px; margin-right: 0.8em; }}
-.tok {{ border-radius: 2px; }}
-.key {{ padding: 0 0.3em; }} .neg {{ background: rgb(215,48,39); color: white; }}
-.pos {{ background: rgb(26,152,80); color: white; }}
-figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
-table {{ border-collapse: collapse; font-size: 13px; }}
-td, th {{ border: 1px solid #ccc; padding: 0.3em 0.5em; vertical-align: top; }}
-</style></head><body>
-{body}
-<script>{script}</script>
-</body></html>
-"""

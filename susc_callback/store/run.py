@@ -10,6 +10,8 @@
         step-{N}/                one result (:mod:`susc_callback.store.files`)
         orphaned/{time}/step-{N} results set aside on resume (after the resumed step)
         .lock                    held by the one process writing results (RunStore.writing)
+      influence/                 the run's influence matrices: a RunStore of the same
+        step-{N}/                layout, holding InfluenceResult folders
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -30,6 +33,7 @@ from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.store.files import PARTIAL_SUFFIX, ResultFileError, is_result_folder
 
 RESULTS_FOLDER = "susceptibility"
+INFLUENCE_FOLDER = "influence"
 LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -38,15 +42,21 @@ OnDamaged = Callable[[int, ResultFileError], None]
 
 
 class RunStore:
-    """The results of one run, one folder per training step, under ``root``."""
+    """The results of one run, one folder per training step, under ``root``.
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    ``result_type`` is the class results are read as (anything with ``save(path)``, a
+    ``step`` attribute and ``load(path)``): :class:`SusceptibilityResult` by default, or
+    :class:`~susc_callback.influence.InfluenceResult` for the influence store."""
+
+    def __init__(self, root: str | Path, result_type: type = SusceptibilityResult) -> None:
+        self.root, self.result_type = Path(root), result_type
 
     @classmethod
-    def of_run(cls, run_dir: str | Path) -> RunStore:
-        """The store of the run in ``run_dir`` (``run_dir/susceptibility``)."""
-        return cls(Path(run_dir) / RESULTS_FOLDER)
+    def of_run(cls, run_dir: str | Path, folder: str = RESULTS_FOLDER,
+               result_type: type = SusceptibilityResult) -> RunStore:
+        """The store of the run in ``run_dir`` (``run_dir/susceptibility``, or another
+        ``folder`` such as ``influence`` with its ``result_type``)."""
+        return cls(Path(run_dir) / folder, result_type)
 
     def step_dir(self, step: int) -> Path:
         """Where the result of ``step`` lives."""
@@ -65,17 +75,17 @@ class RunStore:
     def has(self, step: int) -> bool:
         return is_result_folder(self.step_dir(step))
 
-    def save(self, result: SusceptibilityResult) -> Path:
+    def save(self, result: Any) -> Path:
         """Write ``result`` at its step (replacing what was there), atomically."""
         if result.step is None:
             raise ValueError("A result needs its training step to be stored in a run")
         return result.save(self.step_dir(result.step))
 
-    def load(self, step: int) -> SusceptibilityResult:
-        return SusceptibilityResult.load(self.step_dir(step))
+    def load(self, step: int) -> Any:
+        return self.result_type.load(self.step_dir(step))
 
     def load_all(self, up_to: int | None = None, on_damaged: OnDamaged | None = None
-                 ) -> list[SusceptibilityResult]:
+                 ) -> list[Any]:
         """Every saved result in step order (those at steps <= ``up_to``). A damaged one
         raises :class:`ResultFileError`, or is left out after ``on_damaged(step, error)``."""
         results = []
@@ -83,7 +93,7 @@ class RunStore:
             if up_to is not None and step > up_to:
                 continue
             try:
-                results.append(SusceptibilityResult.load(path))
+                results.append(self.result_type.load(path))
             except ResultFileError as error:
                 if on_damaged is None:
                     raise

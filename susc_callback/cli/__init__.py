@@ -12,20 +12,24 @@ unless ``--force`` and continues an interrupted run where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args, get_type_hints
 
 import numpy as np
-import torch
 from transformers.utils import logging as hf_logging
 
 from susc_callback.analysis.compare import compare_results
 from susc_callback.analysis.pca import STANDARDIZATIONS
-from susc_callback.config import CHOICES, SGLDConfig
+from susc_callback.cli.common import (
+    CommandError,
+    config_flags,
+    load_model,
+    load_tokenizer,
+    sgld_config,
+)
+from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet, probe_token_texts
 from susc_callback.estimator.engine import ChainDivergedError, estimate_susceptibilities
 from susc_callback.estimator.results import SusceptibilityResult
@@ -43,10 +47,6 @@ from susc_callback.store.run import (
     load_results,
     training_losses,
 )
-
-
-class CommandError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,11 +83,11 @@ def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, P
     """Estimate every checkpoint without a result, then rebuild the TensorBoard run."""
     if args.no_progress or not sys.stderr.isatty():
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars
-    tokenizer = _load_tokenizer(args.tokenizer, Path(args.run_dir), checkpoints)
+    tokenizer = load_tokenizer(args.tokenizer, Path(args.run_dir), checkpoints)
     probe = ProbeSet.from_jsonl(args.probe, tokenizer, max_length=args.max_length)
     sampling = ProbeSet.from_jsonl(args.sampling_data, tokenizer, max_length=args.max_length,
                                    what="sampling data")
-    config = _config(args)
+    config = sgld_config(args)
     components = args.components or "heads"
     probe_texts = probe_token_texts(probe, tokenizer)
     todo = _steps_to_compute(store, checkpoints, args, config, components, probe)
@@ -100,7 +100,7 @@ def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, P
               flush=True)
         start = time.perf_counter()
         try:
-            model = _load_model(path, tokenizer)
+            model = load_model(path, tokenizer)
             result = estimate_susceptibilities(model, components, sampling.tensors, probe,
                                                config, step=step)
         except (CommandError, ChainDivergedError) as error:
@@ -151,43 +151,6 @@ def _steps_to_compute(store: RunStore, checkpoints: dict[int, Path], args: argpa
     return todo | {step for step in checkpoints if not store.has(step)}
 
 
-def _load_tokenizer(name: str | None, run_dir: Path, checkpoints: dict[int, Path]) -> object:
-    from transformers import AutoTokenizer
-
-    candidates = [name] if name else [run_dir, *checkpoints.values()]
-    for candidate in candidates:
-        try:
-            return AutoTokenizer.from_pretrained(str(candidate))
-        except Exception as error:  # noqa: BLE001 - try the next place, report if named
-            if name:
-                raise CommandError(f"cannot load tokenizer {name}: {error}") from error
-    return None
-
-
-def _load_model(path: Path, tokenizer: object | None) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path))  # sampled in float32
-    except Exception as error:
-        raise CommandError(f"checkpoint {path} is unreadable: {error}") from error
-    vocab = getattr(model.config, "vocab_size", None)
-    if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
-        raise CommandError(f"the tokenizer has {len(tokenizer)} tokens but {path.name}'s model "
-                           f"has a vocabulary of {vocab}: mismatched tokenizer")
-    return model.eval()
-
-
-def _config(args: argparse.Namespace) -> SGLDConfig:
-    values = json.loads(Path(args.config).read_text()) if args.config else {}
-    values.update({name: getattr(args, name) for name in _config_flags()
-                   if getattr(args, name) is not None})
-    values["progress"] = False if args.no_progress else True if sys.stderr.isatty() \
-        else "lines"  # a log or a pipe gets a plain line every 30 s
-    values.setdefault("on_divergence", "mark")  # a diverged head is saved as failed
-    return SGLDConfig.from_dict(values)
-
-
 def _check_saved(saved: SusceptibilityResult, path: Path, config: SGLDConfig, components: str,
                  probe: ProbeSet) -> None:
     check_same_settings(saved, config, saved.component_names, path, SERIES_REMEDY)
@@ -213,7 +176,7 @@ def report(args: argparse.Namespace) -> int:
         else source / "report")
     tokenizer = None
     if args.tokenizer:
-        tokenizer = _load_tokenizer(args.tokenizer, source, {})
+        tokenizer = load_tokenizer(args.tokenizer, source, {})
     path = write_report(results, out, tokenizer=tokenizer, step=args.step, n_pcs=args.n_pcs,
                         standardization=args.standardization,
                         title=f"Susceptibilities: {source.resolve().name}",
@@ -253,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--components", default=None, help="preset(s), e.g. heads,mlp "
                      "(default: every attention head)")
     run.add_argument("--config", help="JSON file of SGLDConfig fields")
-    for name, options in _config_flags().items():
+    for name, options in config_flags().items():
         run.add_argument(f"--{name.replace('_', '-')}", default=None, **options)
     run.add_argument("--force", action="store_true", help="recompute finished checkpoints")
     run.add_argument("--out", help="folder that receives susceptibility/ and runs/ "
@@ -282,40 +245,6 @@ def _parser() -> argparse.ArgumentParser:
     pair.add_argument("b")
     pair.set_defaults(handler=compare)
     return parser
-
-
-def _config_flags() -> dict[str, dict]:
-    """``add_argument`` options of a flag per ``SGLDConfig`` field (``progress`` is
-    ``--no-progress``): the field's type or choices, and its help text."""
-    hints = get_type_hints(SGLDConfig)
-    flags = {}
-    for name, help_text in SGLDConfig.field_help().items():
-        if name == "progress":
-            continue
-        options: dict = {"help": help_text.replace("%", "%%")}
-        kinds = [kind for kind in get_args(hints[name]) if kind is not type(None)]
-        kind = kinds[0] if kinds else hints[name]
-        if name in CHOICES:
-            options["choices"] = CHOICES[name]
-        elif len(kinds) > 1:  # int | Literal["auto"]
-            options["type"] = _int_or(*get_args(kinds[1]))
-        else:
-            options["type"] = kind
-        flags[name] = options
-    return flags
-
-
-def _int_or(*words: str) -> Callable[[str], int | str]:
-    """An argparse type: an integer, or one of ``words``."""
-    def parse(text: str) -> int | str:
-        if text in words:
-            return text
-        try:
-            return int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be an integer or one of {', '.join(words)}, got {text!r}") from None
-    return parse
 
 
 def _positive_int(text: str) -> int:
