@@ -3,6 +3,7 @@
     susc analyze RUN_DIR --probe probe.jsonl --sampling-data train.jsonl [options]
     susc report RESULT_OR_RUN_DIR [--out DIR]
     susc compare RESULT_A RESULT_B
+    susc influence RUN_DIR --train train.jsonl --queries queries.jsonl [options]
 
 ``analyze`` writes ``RUN_DIR/susceptibility/step-{N}`` (the callback's layout, so a run
 analysed partly live and partly afterwards is one series), skips finished checkpoints
@@ -29,14 +30,17 @@ from susc_callback.cli.common import (
     load_tokenizer,
     sgld_config,
 )
+from susc_callback.cli.influence import add_influence_command
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet, probe_token_texts
 from susc_callback.estimator.engine import ChainDivergedError, estimate_susceptibilities
 from susc_callback.estimator.results import SusceptibilityResult
+from susc_callback.influence import InfluenceResult
 from susc_callback.logging.report import write_report
 from susc_callback.logging.snapshots import SnapshotPublisher
 from susc_callback.store.files import ResultFileError, is_result_folder
 from susc_callback.store.run import (
+    INFLUENCE_FOLDER,
     RunInUseError,
     RunStore,
     check_one_series,
@@ -177,10 +181,12 @@ def report(args: argparse.Namespace) -> int:
     tokenizer = None
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer, source, {})
+    influence = RunStore.of_run(source, INFLUENCE_FOLDER, InfluenceResult).load_all(
+        on_damaged=_skip_damaged if args.keep_going else None)
     path = write_report(results, out, tokenizer=tokenizer, step=args.step, n_pcs=args.n_pcs,
                         standardization=args.standardization,
                         title=f"Susceptibilities: {source.resolve().name}",
-                        training_loss=training_losses(source))
+                        training_loss=training_losses(source), influence=influence)
     print(f"report: {path}")
     return 0
 
@@ -244,6 +250,7 @@ def _parser() -> argparse.ArgumentParser:
     pair.add_argument("a")
     pair.add_argument("b")
     pair.set_defaults(handler=compare)
+    add_influence_command(commands)
     return parser
 
 

@@ -23,6 +23,7 @@ from susc_callback.analysis.run_summary import RunSummary, summarize_run
 from susc_callback.analysis.written_summary import written_summary
 from susc_callback.data.probes import decode_each
 from susc_callback.estimator.results import SusceptibilityResult
+from susc_callback.influence import InfluenceResult
 from susc_callback.logging.figures import (
     curves_figure,
     heatmap_figure,
@@ -32,6 +33,7 @@ from susc_callback.logging.figures import (
     token_trajectory_figure,
     trajectory_figure,
 )
+from susc_callback.logging.influence_report import influence_section
 from susc_callback.logging.page import PAGE, figure_section
 from susc_callback.logging.token_view import SCRIPT, token_view_section
 
@@ -53,12 +55,14 @@ def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
                  tokenizer: object | None = None, step: int | None = None, n_pcs: int = 3,
                  standardization: Standardization = "structural-inference",
                  top_tokens: int = 8, title: str = "Susceptibility report",
-                 training_loss: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
+                 training_loss: tuple[np.ndarray, np.ndarray] | None = None,
+                 influence: list[InfluenceResult] | None = None) -> Path:
     """Write ``out_dir/report.html`` and ``out_dir/figures/*.png``; return the HTML path.
 
     ``results`` are one run's snapshots (any order); the token view shows snapshot ``step``
     (default the latest). ``training_loss``: ``(steps, losses)`` of the training run
     (:func:`~susc_callback.store.run.training_losses`), drawn with the snapshots marked.
+    ``influence``: the run's influence results (``RUN/influence``), shown after the rest.
     """
     summary = summarize_run(results, step=step, n_pcs=n_pcs, standardization=standardization)
     out_dir = Path(out_dir)
@@ -71,6 +75,8 @@ def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
           for name, (caption, figure) in _figures(summary, training_loss).items()),
         _top_tokens_table(summary.shown, texts, top_tokens),
     ]
+    if influence:
+        sections.append(influence_section(influence, out_dir, tokenizer=tokenizer))
     page = PAGE.format(title=html.escape(title), body="\n".join(sections), script=SCRIPT)
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
