@@ -38,6 +38,19 @@ def train(model: GPT2LMHeadModel, data: torch.Tensor, steps: int) -> None:
     model.eval()
 
 
+def trained_toy_model(steps: int) -> tuple[GPT2LMHeadModel, torch.Tensor, torch.Generator]:
+    """A 2-layer, 4-head GPT-2 trained on 512 repeated spans then 512 random sequences
+    (the data, in that order), and the generator to draw further data from."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB,
+                                       n_positions=CONTEXT, bos_token_id=0, eos_token_id=0,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    data = torch.cat([repeated_spans(512, generator), random_tokens(512, generator)])
+    train(model, data, steps)
+    return model, data, generator
+
+
 def main() -> None:
     hf_logging.set_verbosity_error()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,13 +59,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=40)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB,
-                                       n_positions=CONTEXT, bos_token_id=0, eos_token_id=0,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    data = torch.cat([repeated_spans(512, generator), random_tokens(512, generator)])
-    train(model, data, args.train_steps)
+    model, data, generator = trained_toy_model(args.train_steps)
 
     probe = ProbeSet.from_tensors(
         torch.cat([repeated_spans(8, generator), random_tokens(8, generator)]),

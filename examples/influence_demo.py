@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from engine_demo import train
-from toy_data import CONTEXT, VOCAB, random_tokens, repeated_spans
-from transformers import GPT2Config, GPT2LMHeadModel
+from engine_demo import trained_toy_model
+from toy_data import random_tokens, repeated_spans
 from transformers.utils import logging as hf_logging
 
 from susc_callback import ProbeSet, SGLDConfig
@@ -42,14 +41,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=5)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB,
-                                       n_positions=CONTEXT, bos_token_id=0, eos_token_id=0,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    data = torch.cat([repeated_spans(512, generator), random_tokens(512, generator)])
+    model, data, generator = trained_toy_model(args.train_steps)
     kinds = ["repeated"] * 512 + ["random"] * 512
-    train(model, data, args.train_steps)
 
     index = np.concatenate([np.arange(32), 512 + np.arange(32)])  # 32 of each kind
     train_set = ProbeSet.from_tensors(data[index], datasets=[kinds[i] for i in index])

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from susc_callback.callback import trainer_context
+from susc_callback.callback.bound import BoundCallback
 from susc_callback.callback.schedule import Schedule
 from susc_callback.config import SGLDConfig
 from susc_callback.influence import InfluenceResult, estimate_influence
@@ -31,7 +32,7 @@ from susc_callback.influence.views import influential_sequences
 from susc_callback.store.run import INFLUENCE_FOLDER, RunStore
 
 
-class InfluenceCallback(TrainerCallback):
+class InfluenceCallback(BoundCallback):
     """Estimates the influence of ``train`` on ``queries`` during training.
 
     Args:
@@ -58,17 +59,9 @@ class InfluenceCallback(TrainerCallback):
         self.schedule = Schedule.coerce(schedule)
         self.output_dir, self.log_dir, self.options = output_dir, log_dir, options
         self.results_: list[InfluenceResult] = []
-        self._trainer: Trainer | None = None
         self._store: RunStore | None = None
         self._writer: SummaryWriter | None = None
         self._planned: set[int] = set()
-
-    def bind(self, trainer: Trainer) -> InfluenceCallback:
-        """Add this callback to ``trainer`` and log beside its loss. Returns the callback."""
-        self._trainer = trainer
-        if self not in trainer.callback_handler.callbacks:
-            trainer.add_callback(self)
-        return self
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, model: nn.Module | None = None,

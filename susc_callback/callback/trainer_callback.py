@@ -23,11 +23,12 @@ from typing import Any
 
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
 from susc_callback.analysis.pca import STANDARDIZATIONS, Standardization
 from susc_callback.callback import distributed, trainer_context
+from susc_callback.callback.bound import BoundCallback
 from susc_callback.callback.schedule import Schedule
 from susc_callback.components.component import Component
 from susc_callback.components.resolve import as_components
@@ -48,7 +49,7 @@ LOCK_WAIT_SECONDS = 60.0
 on the same directory) before it fails, reported like any failed snapshot."""
 
 
-class SusceptibilityCallback(TrainerCallback):
+class SusceptibilityCallback(BoundCallback):
     """Estimates per-token susceptibilities of model components during training.
 
     Bind it to the Trainer (``callback.bind(trainer)``, which also adds it to the Trainer's
@@ -106,7 +107,6 @@ class SusceptibilityCallback(TrainerCallback):
         self.output_dir, self.log_dir = output_dir, log_dir
         self.top_tokens, self.strict = top_tokens, strict
         # Set when training begins (on_train_begin):
-        self._trainer: Trainer | None = None
         self._rank, self._world, self._main = 0, 1, True
         self._run_config = self.config
         self._components: list[Component] = []
@@ -117,17 +117,6 @@ class SusceptibilityCallback(TrainerCallback):
         self._publisher: SnapshotPublisher | None = None
         self._probe_tokens: list[list[str]] | None = None
         self._train_start, self._snapshot_seconds = 0.0, 0.0
-
-    def bind(self, trainer: Trainer) -> SusceptibilityCallback:
-        """Work with ``trainer``: add this callback to its callbacks (if not there yet),
-        write into the TensorBoard run of its loss, report scalars to its other
-        integrations and refuse parameter sharding it uses. Returns the callback."""
-        if not isinstance(trainer, Trainer):
-            raise TypeError(f"bind() needs a transformers Trainer, got {type(trainer).__name__}")
-        self._trainer = trainer
-        if self not in trainer.callback_handler.callbacks:
-            trainer.add_callback(self)
-        return self
 
     @property
     def results_dir(self) -> Path | None:

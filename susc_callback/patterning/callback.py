@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from susc_callback.callback import trainer_context
+from susc_callback.callback.bound import BoundCallback
 from susc_callback.callback.schedule import Schedule
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
@@ -45,7 +46,7 @@ class PatterningStep:
     applied: dict[str, float] | None = None
 
 
-class PatterningCallback(TrainerCallback):
+class PatterningCallback(BoundCallback):
     """Re-plan the pool's loss weights on a schedule (see the module docstring).
 
     Args:
@@ -120,16 +121,8 @@ class PatterningCallback(TrainerCallback):
             {k: v for k, v in pool.tensors.items() if k in ("input_ids", "attention_mask")},
             "pool")
         self.history_: list[PatterningStep] = []
-        self._trainer: Trainer | None = None
         self._writer: SummaryWriter | None = None
         self._planned: set[int] = set()
-
-    def bind(self, trainer: Trainer) -> PatterningCallback:
-        """Add this callback to ``trainer`` and log beside its loss. Returns the callback."""
-        self._trainer = trainer
-        if self not in trainer.callback_handler.callbacks:
-            trainer.add_callback(self)
-        return self
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, model: nn.Module | None = None,
