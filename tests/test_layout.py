@@ -16,7 +16,7 @@ LAYERS = [
     {"estimator"},
     {"store.run", "store"},
     {"analysis"},
-    {"influence"},
+    {"influence", "clusters"},
     {"logging"},
     {"callback"},
     {"patterning"},
