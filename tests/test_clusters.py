@@ -128,3 +128,24 @@ def test_bad_options_are_named(options, message):
     chi, _ = planted(0)
     with pytest.raises(ValueError, match=message):
         TokenClusters(**options).fit(fake_result(chi))
+
+
+def test_the_body_plan_shares_one_plane_and_tracks_clusters():
+    from susc_callback.clusters.body_plan import BodyPlan, cluster_emergence
+
+    chi, truth = planted(4, clusters=3)
+    rng = np.random.default_rng(5)
+    early = rng.normal(size=chi.shape)  # no structure yet
+    results = [fake_result(early, 1), fake_result(0.5 * chi + 0.5 * early, 2),
+               fake_result(chi, 3)]
+    plan = BodyPlan("pca").fit(results, truth)
+    assert plan.method_ == "pca" and plan.steps_ == [1, 2, 3]
+    assert [e.shape for e in plan.embedding_] == [(240, 2)] * 3
+    for k in range(3):
+        np.testing.assert_allclose(plan.tracks_[k, 2], plan.embedding_[2][truth == k].mean(0))
+    per_snapshot = [TokenClusters("kmeans", 3).fit(r).labels_ for r in results]
+    emergence = cluster_emergence(truth, per_snapshot)
+    assert emergence.shape == (3, 3)
+    assert (emergence[:, 2] > 0.9).all() and (emergence[:, 0] < 0.5).all()
+    with pytest.raises(ValueError, match="different probe sizes"):
+        BodyPlan("pca").fit([fake_result(chi), fake_result(chi[:, :100])])
