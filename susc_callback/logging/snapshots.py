@@ -3,8 +3,10 @@
 The callback (during training) and ``susc analyze`` (afterwards) both publish through a
 :class:`SnapshotPublisher`: it saves each result in the run store, adds it to the run's
 :class:`~susc_callback.analysis.series.SnapshotSeries` (PCs aligned across snapshots) and
-writes the TensorBoard view. On resume it restores the history up to a step; after an
-offline analysis it rebuilds the whole TensorBoard run from the store.
+writes the TensorBoard view, with the snapshot's token clusters
+(:func:`~susc_callback.clusters.snapshot.cluster_snapshot`). On resume it restores the
+history up to a step; after an offline analysis it rebuilds the whole TensorBoard run from
+the store.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from susc_callback.analysis.pca import Standardization
 from susc_callback.analysis.series import SnapshotSeries
+from susc_callback.clusters.snapshot import cluster_snapshot
 from susc_callback.config import SGLDConfig
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.tensorboard import (
@@ -100,5 +103,7 @@ class SnapshotPublisher:
 
     def _log(self, result: SusceptibilityResult) -> tuple[dict[str, float], SnapshotMedia]:
         pca = self.series.add(result)
-        scalars = {**snapshot_scalars(result, pca), **result.extra.get(EXTRA_SCALARS, {})}
-        return scalars, self.logger.log_snapshot(result, pca, self.series, scalars)
+        clusters = cluster_snapshot(result)
+        scalars = {**snapshot_scalars(result, pca), **clusters.scalars(),
+                   **result.extra.get(EXTRA_SCALARS, {})}
+        return scalars, self.logger.log_snapshot(result, pca, self.series, scalars, clusters)

@@ -18,7 +18,11 @@ Tags (``{c}`` a component, ``{d}`` a probe dataset, ``{k}`` a PC number from 1):
   ``figures/trajectory_pc1_pc2``, and over training (a log step axis and a legend, which
   TensorBoard's scalar charts lack): ``figures/aligned_pc1_loadings_over_training``;
   text ``tokens/top``; projector tensor ``susceptibility``: per snapshot, one point per
-  probe token (its vector over components), for the snapshots of this writer's session.
+  probe token (its vector over components) with its token, context, dataset, pattern
+  label and cluster as metadata, for the snapshots of this writer's session;
+* ``clusters/count``, ``clusters/largest_share``, ``clusters/median_share``,
+  ``clusters/unclustered_share``, ``clusters/induction_purity`` and the histogram
+  ``clusters/sizes``: the snapshot's token clusters (:mod:`susc_callback.clusters`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from susc_callback.analysis.attribution import (
 )
 from susc_callback.analysis.pca import SusceptibilityPCA, layer_pcas, standardize
 from susc_callback.analysis.series import SnapshotSeries
+from susc_callback.clusters.snapshot import SnapshotClusters
 from susc_callback.components.architectures import group_by_layer
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.figures import (
@@ -172,7 +177,8 @@ class TensorBoardLogger:
         return self._writer
 
     def log_snapshot(self, result: SusceptibilityResult, pca: SusceptibilityPCA | None,
-                     series: SnapshotSeries, scalars: dict[str, float]) -> SnapshotMedia:
+                     series: SnapshotSeries, scalars: dict[str, float],
+                     clusters: SnapshotClusters | None = None) -> SnapshotMedia:
         """Everything about the snapshot at ``result.step`` (token text from the probe texts
         stored in the result, ``<id>`` without them)."""
         decode = stored_decoder(result)
@@ -190,26 +196,33 @@ class TensorBoardLogger:
             writer.add_image(tag, image, step, dataformats="HWC")
         for tag, text in media.texts.items():
             writer.add_text(tag, text, step)
-        self._log_projector(result, decode)
+        if clusters is not None and clusters.clusters is not None:
+            writer.add_histogram("clusters/sizes", clusters.clusters.sizes_, step)
+        self._log_projector(result, decode, clusters)
         writer.flush()
         return media
 
-    def _log_projector(self, result: SusceptibilityResult, decode: Decode) -> None:
+    def _log_projector(self, result: SusceptibilityResult, decode: Decode,
+                       clusters: SnapshotClusters | None) -> None:
         keep = [row for row, name in enumerate(result.component_names)
                 if name not in result.failed]
         if not keep:
             return
         vectors = standardize(result.chi[keep], "none")  # tokens x components
         token_dataset = result.token_dataset
+        labels = None if clusters is None or clusters.clusters is None else \
+            clusters.clusters.labels_
         metadata = []
         for i in range(len(vectors)):
             context, token = token_in_context(result, i, decode, before=3)
             metadata.append([token or "(end)", f"{context}[{token}]",
                              result.dataset_names[token_dataset[i]],
-                             str(result.token_sequence[i]), str(result.token_position[i])])
+                             str(result.token_sequence[i]), str(result.token_position[i]),
+                             "" if clusters is None else str(clusters.patterns[i]),
+                             "" if labels is None else str(labels[i])])
         self.writer.add_embedding(vectors.astype(np.float32), metadata=metadata,
                                   metadata_header=["token", "context", "dataset", "sequence",
-                                                   "position"],
+                                                   "position", "pattern", "cluster"],
                                   global_step=result.step, tag="susceptibility")
 
     def close(self) -> None:
