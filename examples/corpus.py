@@ -9,7 +9,8 @@ Every machine with Python carries real text, so the demo needs nothing from a hu
 
 Documents are split into training and held-out parts by a seeded permutation, so the same
 seed on the same installation gives the same corpus. A byte-level BPE tokenizer is trained
-on the training text and cached. Probe tokens are tagged by pattern (:func:`tag_tokens`).
+on the training text and cached. (Probe tokens are tagged by
+pattern with the library's :func:`susc_callback.clusters.tag_tokens`.)
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ import torch
 DOMAINS = ("code", "prose", "legal")
 DEPENDENCIES = ("torch", "transformers", "accelerate", "numpy", "scikit-learn", "scipy",
                 "tensorboard", "safetensors", "tqdm", "matplotlib", "tokenizers")
-TAGS = ("induction", "open", "close", "numeric", "spacing", "word start", "word part",
-        "word end", "other")
-OPENERS, CLOSERS, QUOTES = set("([{<"), set(")]}>"), set("'\"`")
 
 
 @dataclass
@@ -148,53 +146,3 @@ def repeated_sequences(count: int, length: int, vocab: int, generator: torch.Gen
         unit = torch.randint(0, vocab, (period,), generator=generator)
         rows.append(unit.repeat(length // period + 1)[:length])
     return torch.stack(rows)
-
-
-def tag_tokens(ids: list[int], texts: list[str]) -> list[str]:
-    """The pattern of each *predicted* token: entry ``t`` tags ``ids[t + 1]`` given
-    ``ids[:t + 1]`` (the last token predicts nothing and is tagged "other").
-
-    First match wins, in the order of :data:`TAGS`: "induction" (the current token occurred
-    earlier and the token after it there is the one predicted), an opening or closing
-    delimiter, a number, whitespace only, then for word tokens: "word start" (a letter
-    after a non-letter), "word part" (continues a word that goes on), "word end" (continues
-    a word that stops after it).
-    """
-    tags = []
-    for t in range(len(ids)):
-        if t + 1 >= len(ids):
-            tags.append("other")
-            continue
-        tags.append(_tag(ids, texts, t))
-    return tags
-
-
-def _tag(ids: list[int], texts: list[str], t: int) -> str:
-    current, target = ids[t], ids[t + 1]
-    if any(ids[j] == current and ids[j + 1] == target for j in range(t)):
-        return "induction"
-    text = texts[t + 1]
-    stripped = text.strip()
-    if stripped and all(c in OPENERS | CLOSERS | QUOTES for c in stripped):
-        first = stripped[0]
-        opens = _opens_quote(texts, t + 1) if first in QUOTES else first in OPENERS
-        return "open" if opens else "close"
-    if stripped.isdigit():
-        return "numeric"
-    if not stripped:
-        return "spacing"
-    if not stripped.isalpha():
-        return "other"
-    previous = texts[t]
-    following = texts[t + 2] if t + 2 < len(texts) else ""
-    starts_word = text[0].isspace() or not previous or not previous[-1].isalpha()
-    if starts_word:
-        return "word start"
-    continues = bool(following) and following[0].isalpha()
-    return "word part" if continues else "word end"
-
-
-def _opens_quote(texts: list[str], index: int) -> bool:
-    """A quote opens when an even number of the same quote character precede it."""
-    quote = texts[index].strip()[0]
-    return "".join(texts[:index]).count(quote) % 2 == 0

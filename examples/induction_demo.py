@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from corpus import build_corpus, repeated_sequences, tag_tokens, token_windows, train_tokenizer
+from corpus import build_corpus, repeated_sequences, token_windows, train_tokenizer
 from findings import pc_separation, tag_scores
 from head_scores import HeadScoresCallback
 from toy_data import LanguageModelingData
@@ -37,6 +37,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from susc_callback import ProbeSet, Schedule, SGLDConfig, SusceptibilityCallback
+from susc_callback.clusters import tag_tokens
 from susc_callback.logging.report import write_report
 from susc_callback.store.run import load_results, training_losses
 
@@ -92,11 +93,10 @@ def build_data(mode: Mode, seed: int, cache: Path):
 
 
 def probe_tags(probe: ProbeSet, tokenizer, result) -> list[str]:
-    """The pattern tag of every probe token, in the result's token order."""
-    per_sequence = []
-    for row in probe.input_ids.tolist():
-        per_sequence.append(tag_tokens(row, [tokenizer.decode([t]) for t in row]))
-    return [per_sequence[s][t] for s, t in zip(result.token_sequence, result.token_position)]
+    """The pattern label of every probe token, in the result's token order."""
+    ids = probe.input_ids.numpy()
+    texts = [[tokenizer.decode([t]) for t in row] for row in ids.tolist()]
+    return tag_tokens(result.token_sequence, result.token_position, ids, texts).tolist()
 
 
 def summarize(results, head_history: dict, tags: list[str]) -> dict:

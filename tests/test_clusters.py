@@ -12,31 +12,43 @@ from susc_callback.clusters.clustering import eigengap_count
 
 
 def tokens_of(texts: list[str], ids: list[int] | None = None):
-    """A one-sequence probe: every position but the first is a probe target."""
-    ids = ids or list(range(len(texts)))
+    """A one-sequence probe: every position but the first is a probe target (ids default
+    to one per distinct piece)."""
+    ids = ids or [texts.index(piece) for piece in texts]
     positions = np.arange(len(texts) - 1)
     return np.zeros(len(positions), np.int64), positions, np.array([ids]), [texts]
 
 
-def test_the_tagger_on_hand_written_tokens():
-    texts = ["<s>", " The", " cat", "'s", " 42", ".", "\n", "  ", "(", "ing", "X"]
-    labels = tag_tokens(*tokens_of(texts)).tolist()
-    assert labels == ["word start", "word start", "word part", "digit", "delimiter",
-                      "spacing", "spacing", "delimiter", "word part", "word start"]
+def test_word_spacing_and_digit_tags():
+    pieces = ["The", " bro", "wn", " un", "believ", "able", "\n", "    ", "ret", "urn",
+              " 42", ".", "'s"]
+    # entry t tags pieces[t + 1], predicted from pieces[:t + 1]
+    assert tag_tokens(*tokens_of(pieces)).tolist() == [
+        "word start", "word end", "word start", "word part", "word end", "spacing",
+        "spacing", "word start", "word end", "digit", "delimiter", "other"]
 
 
-def test_induction_means_a_bigram_seen_before_and_takes_precedence():
-    # ids:            a  b  c  a  b  d  a  b
-    ids = [1, 2, 3, 1, 2, 4, 1, 2]
-    texts = [" a", " b", " c", " a", " b", " d", " a", " b"]
-    labels = tag_tokens(*tokens_of(texts, ids)).tolist()
-    # targets 1..7: b c a b(a b seen) d a(b a? no: (b,a) unseen) b(seen)
-    assert labels == ["word start", "word start", "word start", "induction", "word start",
-                      "word start", "induction"]
+def test_bracket_and_quote_tags():
+    pieces = ["f", "(", "x", ")", " [", "'", "a", "'", "]", ";"]
+    assert tag_tokens(*tokens_of(pieces)).tolist() == [
+        "open", "word start", "close", "open", "open", "word start", "close", "close",
+        "delimiter"]
+
+
+def test_induction_means_the_same_continuation_seen_before():
+    pieces = ["A", " cat", " sat", ".", " A", " cat", " sat", " A", " cat", " ran"]
+    ids = [{"A": 0, " cat": 1, " sat": 2, ".": 3, " A": 4, " ran": 5}[p] for p in pieces]
+    labels = tag_tokens(*tokens_of(pieces, ids)).tolist()
+    assert labels[3] == "word start"  # " A" has not occurred before ("A" is another token)
+    assert labels[4] == "word start"  # " A" -> " cat": no earlier " A"
+    assert labels[5] == "induction"  # " cat" -> " sat", as after the earlier " cat"
+    assert labels[7] == "induction"  # " A" -> " cat", as after the earlier " A"
+    assert labels[8] == "word start"  # " cat" -> " ran": no earlier " cat" went on so
     # without texts only the induction rule can apply
-    sequence, position, id_rows, _ = tokens_of(texts, ids)
-    assert tag_tokens(sequence, position, id_rows).tolist() == \
-        ["other"] * 3 + ["induction"] + ["other"] * 2 + ["induction"]
+    sequence, position, id_rows, _ = tokens_of(pieces, ids)
+    assert [label == "induction" for label in tag_tokens(sequence, position, id_rows)] == \
+        [label == "induction" for label in labels]
+    assert set(tag_tokens(sequence, position, id_rows).tolist()) == {"induction", "other"}
 
 
 def test_user_rules_go_first_or_replace():
@@ -149,3 +161,13 @@ def test_the_body_plan_shares_one_plane_and_tracks_clusters():
     assert (emergence[:, 2] > 0.9).all() and (emergence[:, 0] < 0.5).all()
     with pytest.raises(ValueError, match="different probe sizes"):
         BodyPlan("pca").fit([fake_result(chi), fake_result(chi[:, :100])])
+
+
+def test_the_umap_body_plan_where_installed():
+    pytest.importorskip("umap")
+    from susc_callback.clusters.body_plan import BodyPlan
+
+    chi, truth = planted(6, clusters=3)
+    plan = BodyPlan().fit([fake_result(chi, 1), fake_result(chi, 2)], truth)
+    assert plan.method_ == "umap" and [e.shape for e in plan.embedding_] == [(240, 2)] * 2
+    assert np.isfinite(plan.tracks_).all()

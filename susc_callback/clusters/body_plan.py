@@ -81,7 +81,8 @@ class BodyPlan:
 
         rng = np.random.default_rng(self.random_state)
         fit_rows = rng.choice(len(x), min(len(x), self.max_fit_points), replace=False)
-        reducer = umap.UMAP(n_components=2, random_state=self.random_state).fit(x[fit_rows])
+        reducer = umap.UMAP(n_components=2, random_state=self.random_state, n_jobs=1
+                            ).fit(x[fit_rows])
         return reducer.transform(x)
 
 

@@ -7,12 +7,14 @@ order and the first that holds names the token (``"other"`` if none does):
 1. ``induction``: the token continues a bigram seen earlier in the sequence
    (``ids[t], ids[t+1]`` occurred as ``ids[j], ids[j+1]`` with ``j < t``): an induction
    head can predict it by copying;
-2. ``spacing``: whitespace only (spaces, tabs, newlines);
-3. ``delimiter``: punctuation or brackets only;
-4. ``digit``: contains a digit;
-5. ``word start``: a space then a letter (GPT-2 style ``" the"``), or a capitalised letter;
-6. ``word part``: letters without a leading space (the continuation of a word, ``"ing"``,
-   ``"'s"``).
+2. ``open`` / ``close``: an opening or closing bracket or quote (``( [ { <`` and
+   ``) ] } >``; a quote opens when an even number of the same quote precede it);
+3. ``delimiter``: other punctuation (``. , ; :`` ...);
+4. ``digit``: a number;
+5. ``spacing``: whitespace only (spaces, tabs, newlines);
+6. ``word start``: letters after a space or a non-letter (GPT-2 style ``" the"``);
+7. ``word part`` / ``word end``: letters that continue a word, which goes on after the
+   token or stops there.
 
 The text rules need the token's text (stored with results by the callback and ``susc
 analyze``); without it, tokens that are not ``induction`` are ``other``. Add rules with
@@ -67,20 +69,51 @@ def _text_rule(test: Callable[[str], bool]) -> Rule:
     return lambda context: bool(context.text) and test(context.text)
 
 
+def _neighbour(context: TokenContext, offset: int) -> str:
+    index = context.position + offset
+    return context.texts[index] if 0 <= index < len(context.texts) else ""
+
+
+OPENERS, CLOSERS, QUOTES = set("([{<"), set(")]}>"), set("'\"`")
+
+
+def _bracket(context: TokenContext) -> str | None:
+    """"open" or "close" for a token of brackets and quotes only, else None."""
+    stripped = (context.text or "").strip()
+    if not stripped or not all(c in OPENERS | CLOSERS | QUOTES for c in stripped):
+        return None
+    first = stripped[0]
+    if first in QUOTES:
+        before = "".join(context.texts[:context.position])
+        return "open" if before.count(first) % 2 == 0 else "close"
+    return "open" if first in OPENERS else "close"
+
+
+def _is_word(text: str) -> bool:
+    return bool(text.strip()) and text.strip().isalpha()
+
+
+def _starts_word(context: TokenContext) -> bool:
+    previous = _neighbour(context, -1)
+    return context.text[0].isspace() or not previous or not previous[-1].isalpha()
+
+
 def _is_punctuation(char: str) -> bool:
     return unicodedata.category(char).startswith(("P", "S"))
 
 
 DEFAULT_RULES: dict[str, Rule] = {
     "induction": continues_earlier_bigram,
+    "open": lambda context: _bracket(context) == "open",
+    "close": lambda context: _bracket(context) == "close",
+    "delimiter": _text_rule(lambda text: bool(text.strip())
+                            and all(_is_punctuation(c) for c in text.strip())),
+    "digit": _text_rule(lambda text: text.strip().isdigit()),
     "spacing": _text_rule(lambda text: text.isspace()),
-    "delimiter": _text_rule(lambda text: all(_is_punctuation(c) for c in text.strip())
-                            and not text.isspace()),
-    "digit": _text_rule(lambda text: any(c.isdigit() for c in text)),
-    "word start": _text_rule(lambda text: (text[0].isspace() and text[1:2].isalpha())
-                             or text[0].isupper()),
-    "word part": _text_rule(lambda text: not text[0].isspace()
-                            and any(c.isalpha() for c in text)),
+    "word start": lambda context: _is_word(context.text or "") and _starts_word(context),
+    "word part": lambda context: _is_word(context.text or "")
+    and _neighbour(context, 1)[:1].isalpha(),
+    "word end": lambda context: _is_word(context.text or ""),
 }
 OTHER = "other"
 

@@ -27,6 +27,8 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; c
 .seq {{ margin: 0.3em 0; white-space: pre-wrap; }}
 .label {{ color: #777; font-size: 11px; margin-right: 0.8em; }}
 .tok {{ border-radius: 2px; }}
+.tok.outlined {{ outline: 2px solid rgb(31,79,191); }}
+button.cluster.active {{ background: rgb(31,79,191); color: white; }}
 .key {{ padding: 0 0.3em; }} .neg {{ background: rgb(215,48,39); color: white; }}
 .pos {{ background: rgb(26,152,80); color: white; }}
 figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}

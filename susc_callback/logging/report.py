@@ -21,9 +21,12 @@ from susc_callback.analysis.attribution import extreme_tokens, visible
 from susc_callback.analysis.pca import Standardization, layer_pcas
 from susc_callback.analysis.run_summary import RunSummary, summarize_run
 from susc_callback.analysis.written_summary import written_summary
+from susc_callback.clusters.snapshot import cluster_series
 from susc_callback.data.probes import decode_each
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.influence import InfluenceResult
+from susc_callback.logging.cluster_report import SCRIPT as CLUSTER_SCRIPT
+from susc_callback.logging.cluster_report import cluster_section
 from susc_callback.logging.figures import (
     curves_figure,
     heatmap_figure,
@@ -71,13 +74,15 @@ def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
     sections = [
         _header(title, summary),
         token_view_section(summary, texts),
+        cluster_section(cluster_series(summary.results), summary.shown, texts, out_dir),
         *(figure_section(name, caption, figure, out_dir)
           for name, (caption, figure) in _figures(summary, training_loss).items()),
         _top_tokens_table(summary.shown, texts, top_tokens),
     ]
     if influence:
         sections.append(influence_section(influence, out_dir, tokenizer=tokenizer))
-    page = PAGE.format(title=html.escape(title), body="\n".join(sections), script=SCRIPT)
+    page = PAGE.format(title=html.escape(title), body="\n".join(sections),
+                       script=SCRIPT + CLUSTER_SCRIPT)
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
