@@ -184,10 +184,12 @@ def test_compare_a_result_with_itself(run, capsys):
     assert analyze(run, "--checkpoints", "checkpoint-10") == 0
     result = str(run / "susceptibility" / "step-10")
     capsys.readouterr()
-    assert cli.main(["compare", result, result]) == 0
+    assert cli.main(["compare", result, result, "--figure", str(run / "stability.png")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    values = [float(line.split()[1]) for line in lines[1:-1]]
+    values = [float(line.split()[1]) for line in lines[1:5]]
     assert len(values) == 4 and all(v == pytest.approx(1.0) for v in values)
+    assert lines[6].startswith("token clusters: adjusted Rand index 1.000")
+    assert (run / "stability.png").is_file()
 
 
 def test_clear_errors(run, tmp_path, capsys):

@@ -171,3 +171,18 @@ def test_the_umap_body_plan_where_installed():
     plan = BodyPlan().fit([fake_result(chi, 1), fake_result(chi, 2)], truth)
     assert plan.method_ == "umap" and [e.shape for e in plan.embedding_] == [(240, 2)] * 2
     assert np.isfinite(plan.tracks_).all()
+
+
+def test_agreement_of_two_estimates():
+    from susc_callback.clusters.stability import cluster_agreement
+
+    chi, _ = planted(7)
+    rng = np.random.default_rng(8)
+    same = cluster_agreement(fake_result(chi + 0.1 * rng.normal(size=chi.shape)),
+                             fake_result(chi + 0.1 * rng.normal(size=chi.shape)))
+    assert same.ari > 0.9 and (same.best_jaccard > 0.8).all() and same.sizes.sum() == 400
+    noise = cluster_agreement(fake_result(rng.normal(size=chi.shape)),
+                              fake_result(rng.normal(size=chi.shape)), n_clusters=5)
+    assert abs(noise.ari) < 0.05 and (noise.best_jaccard < 0.5).all()
+    with pytest.raises(ValueError, match="different probe tokens"):
+        cluster_agreement(fake_result(chi), fake_result(chi[:, :200]))

@@ -31,11 +31,13 @@ from susc_callback.cli.common import (
     sgld_config,
 )
 from susc_callback.cli.influence import add_influence_command
+from susc_callback.clusters.stability import cluster_agreement
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet, probe_token_texts
 from susc_callback.estimator.engine import ChainDivergedError, estimate_susceptibilities
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.influence import InfluenceResult
+from susc_callback.logging.cluster_figures import stability_figure
 from susc_callback.logging.report import write_report
 from susc_callback.logging.snapshots import SnapshotPublisher
 from susc_callback.store.files import ResultFileError, is_result_folder
@@ -202,6 +204,18 @@ def compare(args: argparse.Namespace) -> int:
     if len(values):
         print(f"{'mean':<16}{values.mean():>10.4f}  (min {values.min():.4f}, "
               f"{len(values)} components)")
+    try:
+        agreement = cluster_agreement(a, b)
+    except ValueError as error:
+        print(f"token clusters: not compared ({error})")
+        return 0
+    print(f"token clusters: adjusted Rand index {agreement.ari:.3f} ({len(agreement.sizes)} "
+          f"clusters in A; best Jaccard overlap with a cluster of B, largest first: "
+          + ", ".join(f"{v:.2f}" for v in agreement.best_jaccard[np.argsort(-agreement.sizes)])
+          + ")")
+    if args.figure:
+        stability_figure(agreement).savefig(args.figure, dpi=110)
+        print(f"figure: {args.figure}")
     return 0
 
 
@@ -249,6 +263,7 @@ def _parser() -> argparse.ArgumentParser:
     pair = commands.add_parser("compare", help="correlate two results per component")
     pair.add_argument("a")
     pair.add_argument("b")
+    pair.add_argument("--figure", help="write the cluster stability figure (PNG) here")
     pair.set_defaults(handler=compare)
     add_influence_command(commands)
     return parser

@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 
 from susc_callback.clusters.body_plan import BodyPlan
 from susc_callback.clusters.clustering import TokenClusters
+from susc_callback.clusters.stability import ClusterAgreement
 from susc_callback.logging.figures import SUSCEPTIBILITY_COLOURS
 
 MAX_PANELS = 8
@@ -85,4 +86,22 @@ def emergence_figure(emergence: np.ndarray, steps: list, sizes: np.ndarray) -> F
     ax.set_title("When the last snapshot's clusters formed", fontsize=9)
     if len(emergence) <= 15:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return fig
+
+
+def stability_figure(agreement: ClusterAgreement) -> Figure:
+    """Each cluster of estimate A (largest first): its best Jaccard overlap with a cluster
+    of estimate B; the title gives the adjusted Rand index of the two clusterings."""
+    order = np.argsort(-agreement.sizes, kind="stable")
+    fig = Figure(figsize=(max(4.0, 0.35 * len(order) + 1.5), 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(range(len(order)), agreement.best_jaccard[order], color="tab:blue")
+    ax.set_xticks(range(len(order)), [f"{k}\n({agreement.sizes[k]})" for k in order],
+                  fontsize=7)
+    ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("cluster of A (size)")
+    ax.set_ylabel("best Jaccard overlap in B")
+    ax.set_title(f"Cluster stability between two estimates: adjusted Rand index "
+                 f"{agreement.ari:.2f}", fontsize=9)
     return fig
