@@ -57,3 +57,45 @@ def tag_scores(result: SusceptibilityResult, tags: list[str], n_pcs: int = 3
     tags_array = np.array(tags)
     return {tag: np.round(pca.token_scores_[tags_array == tag].mean(axis=0), 5).tolist()
             for tag in dict.fromkeys(tags) if (tags_array == tag).any()}
+
+
+def cluster_findings(results: list[SusceptibilityResult],
+                     second_estimate: SusceptibilityResult) -> dict:
+    """The token clusters of the series (``susc_callback.clusters``): at the last snapshot,
+    every cluster's size and main pattern labels; the cluster that holds most of the
+    induction-labelled tokens, its purity and the first snapshot where it had formed (best
+    Jaccard overlap >= 0.5 with a cluster of that snapshot); and the agreement (ARI) of the
+    last snapshot's clustering with that of ``second_estimate`` (another seed, same
+    checkpoint), cluster by cluster."""
+    from susc_callback.clusters.snapshot import cluster_series
+    from susc_callback.clusters.stability import cluster_agreement
+
+    series = cluster_series(results)
+    last = series.snapshots[-1]
+    fit = last.clusters
+    clusters = []
+    for k in range(fit.n_clusters_):
+        counts = dict(zip(fit.pattern_names_, fit.pattern_counts_[k].tolist()))
+        top = sorted(counts.items(), key=lambda item: -item[1])[:3]
+        clusters.append({"cluster": k, "size": int(fit.sizes_[k]),
+                         "patterns": {n: round(c / fit.sizes_[k], 3) for n, c in top if c}})
+    induction = last.patterns == "induction"
+    holder = int(np.argmax([(fit.labels_[induction] == k).sum()
+                            for k in range(fit.n_clusters_)]))
+    members = fit.labels_ == holder
+    steps = [s.step for s in series.snapshots]
+    emerged = None if series.emergence is None else next(
+        (step for step, value in zip(steps, series.emergence[holder]) if value >= 0.5), None)
+    agreement = cluster_agreement(results[-1], second_estimate)
+    return {"step": results[-1].step, "count": fit.n_clusters_, "clusters": clusters,
+            "induction_tokens": int(induction.sum()),
+            "induction_cluster": {
+                "cluster": holder, "size": int(members.sum()),
+                "share_of_induction_tokens": round(float(members[induction].mean()), 3),
+                "purity": round(float(induction[members].mean()), 3),
+                "first_formed_at_step": emerged,
+                "emergence": None if series.emergence is None else
+                dict(zip(steps, np.round(series.emergence[holder], 3).tolist()))},
+            "stability": {"ari": round(agreement.ari, 3),
+                          "best_jaccard": np.round(agreement.best_jaccard, 3).tolist(),
+                          "stable_clusters": int((agreement.best_jaccard >= 0.5).sum())}}

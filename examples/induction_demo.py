@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from corpus import build_corpus, repeated_sequences, token_windows, train_tokenizer
-from findings import pc_separation, tag_scores
+from findings import cluster_findings, pc_separation, tag_scores
 from head_scores import HeadScoresCallback
 from toy_data import LanguageModelingData
 from transformers import (
@@ -36,7 +36,13 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from susc_callback import ProbeSet, Schedule, SGLDConfig, SusceptibilityCallback
+from susc_callback import (
+    ProbeSet,
+    Schedule,
+    SGLDConfig,
+    SusceptibilityCallback,
+    estimate_susceptibilities,
+)
 from susc_callback.clusters import tag_tokens
 from susc_callback.logging.report import write_report
 from susc_callback.store.run import load_results, training_losses
@@ -150,6 +156,13 @@ def print_summary(summary: dict) -> None:
         print("  ".join(parts))
     print(f"first step a top PC separates the group: "
           f"{summary['first_step_a_top_pc_separates_the_group']}")
+    clusters = summary["clusters"]
+    held = clusters["induction_cluster"]
+    print(f"token clusters at step {clusters['step']}: {clusters['count']}, "
+          f"{clusters['stability']['stable_clusters']} stable (best Jaccard >= 0.5 with "
+          f"another seed's; ARI {clusters['stability']['ari']}); induction tokens: "
+          f"{held['share_of_induction_tokens']:.0%} in cluster {held['cluster']} (purity "
+          f"{held['purity']:.0%}), formed at step {held['first_formed_at_step']}")
 
 
 def main() -> None:
@@ -194,6 +207,13 @@ def main() -> None:
 
     results = load_results(out)
     summary = summarize(results, heads.history, probe_tags(probe, tokenizer, results[-1]))
+    print("clusters: a second estimate of the last checkpoint (seed + 1) for their "
+          "stability ...", flush=True)
+    second = estimate_susceptibilities(
+        trainer.model, "heads", train, probe, susceptibility.config.replace(
+            seed=args.seed + 1, progress=False), step=results[-1].step)
+    second.extra["probe_tokens"] = results[-1].extra.get("probe_tokens")
+    summary["clusters"] = cluster_findings(results, second)
     (out / "findings.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     report = write_report(results, out / "report", title="Induction demo",
