@@ -10,11 +10,13 @@ installation, and random spans repeated with a period of 8-40 (``induction``), w
 induction heads can predict. Three runs from one initialisation and one data order:
 
 * control: no reweighting;
-* accelerate: ``PatterningCallback`` aims to *lower* the layer-1 heads' coordinates
-  ``E_C[phi]`` (``rLLC / n_beta``). To first order, up-weighting data that a component
-  responds to lowers its coordinate: the plan up-weights what the layer-1 heads (the
-  induction heads to be) respond to;
-* delay: it aims to *raise* them.
+* accelerate: ``PatterningCallback`` aims to *raise* the layer-1 heads' coordinates
+  ``E_C[phi]`` (``rLLC / n_beta``);
+* delay: it aims to *lower* them.
+
+The sign is the one seeds 1 and 2 showed with these settings (``docs/patterning.md``):
+raising the coordinates up-weighted the induction data over the first 1000 steps,
+lowering them down-weighted it; seeds 3 and 4 test it.
 
 Every ``replan`` steps the callback estimates the layer-1 heads' susceptibilities on a
 probe of each dataset. It re-plans one loss weight per dataset (``granularity="dataset"``,
@@ -108,7 +110,7 @@ def run(name: str, mode: Mode, seed: int, out: Path, data, options: argparse.Nam
                                data_collator=default_data_collator, callbacks=[heads])
     patterning = None
     if name != "control":
-        sign = -1.0 if name == "accelerate" else 1.0
+        sign = 1.0 if name == "accelerate" else -1.0
         patterning = PatterningCallback(
             pool, {head: sign for head in HEADS},
             components=[c for c in head_components(model) if c.name in HEADS],
