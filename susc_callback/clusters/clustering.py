@@ -12,7 +12,8 @@ token centred over components), the vectors are clustered with scikit-learn:
 * ``"hdbscan"``: HDBSCAN (the number of clusters is its own; unclustered tokens get -1).
 
 The k-nearest-neighbour graph is sparse (tokens x k), so memory grows linearly with the
-tokens; the vectors are first reduced to their ``max_dims`` leading principal components.
+tokens; the vectors are first reduced to their ``max_dims`` (64) leading principal
+components.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class TokenClusters:
     """
 
     def __init__(self, method: Method = "graph", n_clusters: int | None = None, *,
-                 n_neighbors: int = 15, max_clusters: int = 30, max_dims: int = 32,
+                 n_neighbors: int = 15, max_clusters: int = 30, max_dims: int = 64,
                  standardization: Standardization = "spectroscopy", typical: int = 8,
                  random_state: int = 0) -> None:
         self.method, self.n_clusters, self.n_neighbors = method, n_clusters, n_neighbors
