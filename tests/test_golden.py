@@ -1,4 +1,9 @@
-"""The same seed and settings give the numbers saved before the restructuring (issue 14)."""
+"""The same seed and settings give the numbers saved before the restructuring (issue 14).
+
+On the machine they were saved on, every draw is the very same float (the loss traces are
+compared bit for bit); the estimates built from them are float64 sums over the draws,
+whose summation order changed when the sums were kept per block of draws (the standard
+errors), so they are compared to 1e-9 relative (float64 reordering error is ~1e-13)."""
 
 from __future__ import annotations
 
@@ -32,10 +37,13 @@ def test_same_seed_gives_the_saved_numbers(name, threads_as_saved):
     here = {key: machine()[key] for key in ("torch", "cpu_capability", "machine", "threads")}
     bitwise = here == {key: SAVED_ON[key] for key in here}
     for key in ARRAYS:
-        if bitwise:  # same kernels: the very same floats
+        if bitwise and key in ("loss_traces", "full_loss_trace"):
             np.testing.assert_array_equal(getattr(result, key), saved[key], err_msg=key)
+        elif bitwise:  # the same draws; float64 sums in another order
+            np.testing.assert_allclose(getattr(result, key), saved[key], rtol=1e-9, atol=0,
+                                       err_msg=key)
         else:  # other SIMD kernels or torch: float32 rounding of ~4-nat losses only
             np.testing.assert_allclose(getattr(result, key), saved[key], rtol=1e-4,
                                        atol=1e-6, err_msg=key)
     if bitwise:
-        assert result.llc_full == meta["llc_full"]
+        assert result.llc_full == pytest.approx(meta["llc_full"], rel=1e-9)

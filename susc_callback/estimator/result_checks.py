@@ -51,6 +51,8 @@ def check_result_fields(path: str | Path, meta: dict[str, Any], arrays: dict[str
     positions = ids.shape[1] if ids.ndim == 2 else -1
     traces = arrays["loss_traces"].shape[1:]
     expected = {"chi": (components, tokens), "chi_covariance": (components, tokens),
+                "chi_se": (components, tokens), "dataset_chi_se": (components, datasets),
+                "rllc_se": (components,), "llc_full_se": (1,),
                 "dataset_chi": (components, datasets),
                 "rllc": (components,), "mean_phi": (components,),
                 "anchor_loss": (components,), "loss_traces": (components, *traces),

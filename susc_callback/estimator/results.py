@@ -15,16 +15,18 @@ from susc_callback.estimator.result_checks import check_result_fields
 from susc_callback.estimator.sums import (
     DrawSums,
     covariance_susceptibilities,
+    jackknife_se,
     susceptibilities,
+    susceptibility_replicates,
 )
 from susc_callback.store.files import ResultFileError, read_folder, write_folder
 
 _ARRAYS = ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces",
            "full_loss_trace", "token_sequence", "token_position", "probe_input_ids",
            "probe_attention_mask")
-_OPTIONAL_ARRAYS = ("chi_covariance",)
-_FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)  # version 1 has no chi_covariance
+_OPTIONAL_ARRAYS = ("chi_covariance", "chi_se", "dataset_chi_se", "rllc_se", "llc_full_se")
+_FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)  # 1 has no chi_covariance, 1 and 2 no standard errors
 
 
 @dataclass
@@ -55,6 +57,10 @@ class SusceptibilityResult:
         token_dataset: ``(P,)`` index into ``dataset_names``.
         probe_input_ids, probe_attention_mask: the probe sequences ``(S, T)``.
         sequence_datasets: S dataset labels, one per probe sequence.
+        chi_se, dataset_chi_se, rllc_se, llc_full_se: standard errors of ``chi``,
+            ``dataset_chi``, ``rllc`` and ``llc_full``: a jackknife over blocks of draws of
+            every chain (:mod:`~susc_callback.estimator.sums`); None in results saved
+            before they were stored.
         failed: ``{component name: reason}`` for components whose chains diverged.
         config: the SGLD configuration as a dict.
         step: training step of the checkpoint, if known.
@@ -80,6 +86,10 @@ class SusceptibilityResult:
     failed: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     chi_covariance: np.ndarray | None = None
+    chi_se: np.ndarray | None = None
+    dataset_chi_se: np.ndarray | None = None
+    rllc_se: np.ndarray | None = None
+    llc_full_se: float | None = None
 
     @property
     def token_dataset(self) -> np.ndarray:
@@ -118,17 +128,25 @@ class SusceptibilityResult:
         order, ``full`` the full chain's; ``anchor`` the fixed ``L(w*)``, or None when
         it varied per draw. Failed components get NaN rows."""
         names = list(sums)
+        datasets = probe.dataset_names
+        per_sequence = np.array([datasets.index(d) for d in probe.datasets])
+        token_dataset = per_sequence[token_sequence]
         chi = np.full((len(names), len(token_sequence)), np.nan)
-        chi_covariance, mean_phi = chi.copy(), np.full(len(names), np.nan)
+        chi_covariance, chi_se = chi.copy(), chi.copy()
+        mean_phi, rllc_se = np.full(len(names), np.nan), np.full(len(names), np.nan)
+        dataset_chi_se = np.full((len(names), len(datasets)), np.nan)
         for row, name in enumerate(names):
             if name not in failed:
                 chi[row] = susceptibilities(sums[name], full)
                 chi_covariance[row] = covariance_susceptibilities(sums[name])
                 mean_phi[row] = sums[name].mean_phi()
-        datasets = probe.dataset_names
-        per_sequence = np.array([datasets.index(d) for d in probe.datasets])
-        token_dataset = per_sequence[token_sequence]
+                replicates, phi_replicates = susceptibility_replicates(sums[name], full)
+                chi_se[row] = jackknife_se(replicates)
+                dataset_chi_se[row] = jackknife_se(mean_per_dataset(
+                    replicates, token_dataset, len(datasets)))
+                rllc_se[row] = config.n_beta * jackknife_se(phi_replicates)
         dataset_chi = mean_per_dataset(chi, token_dataset, len(datasets))
+        _, full_phi_replicates = susceptibility_replicates(full, full)
         ids = probe.input_ids
         ids = ids.numpy() if ids is not None else np.zeros((len(probe), 0), np.int64)
         mask = probe.attention_mask
@@ -145,7 +163,9 @@ class SusceptibilityResult:
             token_position=token_position.astype(np.int64),
             probe_input_ids=ids, probe_attention_mask=mask,
             sequence_datasets=list(probe.datasets), config=config.to_dict(), step=step,
-            failed=dict(failed), chi_covariance=chi_covariance)
+            failed=dict(failed), chi_covariance=chi_covariance, chi_se=chi_se,
+            dataset_chi_se=dataset_chi_se, rllc_se=rllc_se,
+            llc_full_se=float(config.n_beta * jackknife_se(full_phi_replicates)))
 
     def save(self, path: str | Path) -> Path:
         """Write the result into folder ``path`` (safetensors arrays + JSON metadata),
@@ -154,8 +174,8 @@ class SusceptibilityResult:
                 "dataset_names": self.dataset_names, "sequence_datasets": self.sequence_datasets,
                 "llc_full": self.llc_full, "config": self.config, "step": self.step,
                 "failed": self.failed, "extra": self.extra}
-        arrays = {name: getattr(self, name) for name in _ARRAYS + _OPTIONAL_ARRAYS
-                  if getattr(self, name) is not None}
+        arrays = {name: np.atleast_1d(getattr(self, name))  # llc_full_se: a float
+                  for name in _ARRAYS + _OPTIONAL_ARRAYS if getattr(self, name) is not None}
         return write_folder(path, arrays, meta)
 
     @classmethod
@@ -168,6 +188,8 @@ class SusceptibilityResult:
             raise ResultFileError(path, f"unsupported result format {version!r} (this "
                                         f"version reads formats {_READABLE_VERSIONS})")
         check_result_fields(path, meta, arrays, _ARRAYS, _OPTIONAL_ARRAYS)
+        if "llc_full_se" in arrays:
+            arrays["llc_full_se"] = float(arrays["llc_full_se"][0])
         return cls(**meta, **arrays)
 
 
@@ -183,7 +205,7 @@ def mean_per_dataset(values: np.ndarray, token_dataset: np.ndarray, count: int) 
 
 
 _PER_COMPONENT = ("chi", "chi_covariance", "dataset_chi", "rllc", "mean_phi", "anchor_loss",
-                  "loss_traces")
+                  "loss_traces", "chi_se", "dataset_chi_se", "rllc_se")
 
 
 def _rows(values: np.ndarray | None, rows: list[int]) -> np.ndarray | None:

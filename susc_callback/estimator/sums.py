@@ -11,6 +11,15 @@ first term of the second line (:func:`covariance_susceptibilities`) is the compo
 response; the second, the baseline correction, is one token profile (how far the
 component's chains stay from the full chain's) scaled by ``E_C[phi]``, nearly the same for
 every component.
+
+**Standard errors.** The sums are kept per *block*: each chain's draws are cut into
+``ERROR_BLOCKS`` contiguous blocks, and the pooled sums are the blocks' totals. Leaving one
+block out (of the component's chains and of the full chain alike: chains with the same
+index share their minibatches) gives a jackknife replicate of every estimate, and their
+spread its standard error (:func:`jackknife_se`). Chains are independent; contiguous
+blocks are nearly so when a block is much longer than a chain's autocorrelation time
+(batch means). That is the correction for autocorrelation within chains: blocks shorter
+than it make the standard errors too small.
 """
 
 from __future__ import annotations
@@ -20,74 +29,114 @@ import torch
 
 from susc_callback.estimator.moments import LossCrossMoments
 
+ERROR_BLOCKS = 4
+"""Contiguous blocks of draws per chain, the jackknife's units (fewer with fewer draws)."""
+_FIELDS = ("count", "phi", "loss", "phi_loss", "token", "phi_token", "anchor")
+
 
 class DrawSums:
-    """Float64 running sums of one component's draws (all its chains pooled).
+    """Float64 running sums of one component's draws, per block of draws of each chain.
 
-    Memory is O(probe tokens), independent of the number of draws. With ``moments`` the
-    draws' probe losses also go into those cross-moments (the influence matrix's sums).
+    Memory is O(probe tokens x chains x blocks), independent of the number of draws. With
+    ``moments`` the draws' probe losses also go into those cross-moments (the influence
+    matrix's sums).
     """
 
     def __init__(self, num_tokens: int, num_chains: int, num_draws: int,
                  device: torch.device, moments: LossCrossMoments | None = None) -> None:
-        self.moments = moments
-        zeros = torch.zeros((), dtype=torch.float64, device=device)
-        self.count = 0
-        self.phi = zeros.clone()
-        self.loss = zeros.clone()
-        self.phi_loss = zeros.clone()
-        self.token = torch.zeros(num_tokens, dtype=torch.float64, device=device)
-        self.phi_token = torch.zeros(num_tokens, dtype=torch.float64, device=device)
-        self.anchor = zeros.clone()
+        self.moments, self.num_draws = moments, num_draws
+        self.blocks = max(1, min(ERROR_BLOCKS, num_draws))
+        groups = num_chains * self.blocks
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.count, self.phi, self.loss, self.phi_loss = (zeros(groups) for _ in range(4))
+        self.token, self.phi_token = zeros(groups, num_tokens), zeros(groups, num_tokens)
+        self.anchor = zeros(groups)
         self.loss_trace = torch.full((num_chains, num_draws), float("nan"), dtype=torch.float64,
                                      device=device)
 
     def add(self, chain: int, draw: int, loss: torch.Tensor, anchor_loss: torch.Tensor,
             token_losses: torch.Tensor) -> None:
         """Add one draw: observable loss ``L``, ``L(w*)`` and probe losses ``l`` (P,)."""
+        g = chain * self.blocks + draw * self.blocks // self.num_draws
         loss = loss.detach().double()
         phi = loss - anchor_loss.double()
         token_losses = token_losses.detach().double()
-        self.count += 1
-        self.phi += phi
-        self.loss += loss
-        self.phi_loss += phi * loss
-        self.token += token_losses
-        self.phi_token += phi * token_losses
+        self.count[g] += 1
+        self.phi[g] += phi
+        self.loss[g] += loss
+        self.phi_loss[g] += phi * loss
+        self.token[g] += token_losses
+        self.phi_token[g] += phi * token_losses
         self.loss_trace[chain, draw] = loss
-        self.anchor += anchor_loss.double()
+        self.anchor[g] += anchor_loss.double()
         if self.moments is not None:
             self.moments.add(token_losses)
 
     def merge(self, other: DrawSums, chains: list[int]) -> None:
         """Add the draws of ``other``, which holds those of chains ``chains``."""
-        self.count += other.count
-        for name in ("phi", "loss", "phi_loss", "token", "phi_token", "anchor"):
+        for name in _FIELDS:
             getattr(self, name).add_(getattr(other, name))
         self.loss_trace[chains] = other.loss_trace[chains]
         if self.moments is not None:
             self.moments.merge(other.moments)
 
+    @property
+    def total(self) -> int:
+        return int(self.count.sum())
+
+    def pooled(self) -> dict[str, torch.Tensor]:
+        """The sums over all draws (every block of every chain)."""
+        return {name: getattr(self, name).sum(0) for name in _FIELDS}
+
     def mean_phi(self) -> float:
-        return float(self.phi / self.count) if self.count else float("nan")
+        n = self.total
+        return float(self.phi.sum() / n) if n else float("nan")
 
     def mean_anchor(self) -> float:
         """Mean over draws of L(w*) (it varies per draw with a minibatch observable)."""
-        return float(self.anchor / self.count) if self.count else float("nan")
+        n = self.total
+        return float(self.anchor.sum() / n) if n else float("nan")
+
+
+def _chi(c: dict[str, torch.Tensor], f: dict[str, torch.Tensor]) -> torch.Tensor:
+    """chi from pooled sums (a block axis in front broadcasts)."""
+    n, n_full = c["count"][..., None], f["count"][..., None]
+    cov_term = (c["phi_token"] - c["phi_loss"][..., None]) / n
+    baseline = (c["phi"][..., None] / n) * (f["token"] - f["loss"][..., None]) / n_full
+    return -(cov_term - baseline)
 
 
 def susceptibilities(component: DrawSums, full: DrawSums) -> np.ndarray:
     """Per-token susceptibility row ``chi[C, :]`` (P,) from the two chains' sums."""
-    n, n_full = component.count, full.count
-    cov_term = (component.phi_token - component.phi_loss) / n
-    baseline = (component.phi / n) * (full.token - full.loss) / n_full
-    return (-(cov_term - baseline)).cpu().numpy()
+    return _chi(component.pooled(), full.pooled()).cpu().numpy()
+
+
+def susceptibility_replicates(component: DrawSums, full: DrawSums
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """Jackknife replicates ``(blocks, P)`` of ``chi[C, :]`` and ``(blocks,)`` of
+    ``E_C[phi]``, each without one block (of the component and of the full chain, paired
+    by chain and block; blocks without draws in either are skipped)."""
+    both = (component.count > 0) & (full.count > 0)
+    c_totals, f_totals = component.pooled(), full.pooled()
+    c = {k: c_totals[k] - getattr(component, k)[both] for k in _FIELDS}
+    f = {k: f_totals[k] - getattr(full, k)[both] for k in _FIELDS}
+    return _chi(c, f).cpu().numpy(), (c["phi"] / c["count"]).cpu().numpy()
+
+
+def jackknife_se(replicates: np.ndarray) -> np.ndarray:
+    """The jackknife standard error from leave-one-out replicates ``(G, ...)``:
+    ``sqrt((G - 1) / G * sum_g (theta_g - mean)^2)``; NaN with fewer than 2."""
+    count = len(replicates)
+    if count < 2:
+        return np.full(replicates.shape[1:], np.nan)
+    spread = ((replicates - replicates.mean(0)) ** 2).sum(0)
+    return np.sqrt((count - 1) / count * spread)
 
 
 def covariance_susceptibilities(component: DrawSums) -> np.ndarray:
     """``-Cov_C(phi, l_x - L)`` (P,): ``chi[C, :]`` without the baseline correction."""
-    n = component.count
-    mean_phi = component.phi / n
-    covariance = (component.phi_token - component.phi_loss) / n \
-        - mean_phi * (component.token - component.loss) / n
+    c = component.pooled()
+    n = c["count"]
+    mean_phi = c["phi"] / n
+    covariance = (c["phi_token"] - c["phi_loss"]) / n - mean_phi * (c["token"] - c["loss"]) / n
     return (-covariance).cpu().numpy()
