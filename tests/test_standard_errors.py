@@ -21,10 +21,9 @@ from test_closed_form import (
     D_OUT,
     EPS,
     GAMMA,
-    N,
     N_BETA,
     NUM_SAMPLING_PROBES,
-    P,
+    N,
     Problem,
     loss_fn,
 )

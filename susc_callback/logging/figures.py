@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 
 from susc_callback.analysis.pca import CommonBasisPCA, SusceptibilityPCA
 from susc_callback.analysis.series import SnapshotSeries
@@ -39,6 +40,12 @@ def heatmap_figure(result: SusceptibilityResult) -> Figure:
     axes.set_yticks(range(len(result.component_names)), result.component_names)
     axes.set_title(_title("Susceptibility per dataset", result.step))
     figure.colorbar(image, ax=axes, label="chi (< 0: expresses)")
+    if result.dataset_chi_se is not None:  # a cell whose mean is within 2 SE of 0: hatched
+        for (row, column), error in np.ndenumerate(result.dataset_chi_se):
+            if np.isfinite(error) and abs(values[row, column]) < 2 * error:
+                axes.add_patch(Rectangle((column - 0.5, row - 0.5), 1, 1, fill=False,
+                                         hatch="///", edgecolor="grey", linewidth=0))
+        axes.set_xlabel("hatched: |mean| < 2 standard errors", fontsize=8)
     return figure
 
 

@@ -4,6 +4,8 @@ Tags (``{c}`` a component, ``{d}`` a probe dataset, ``{k}`` a PC number from 1):
 
 * ``susceptibility/{d}/{c}``: mean susceptibility of component ``c`` on dataset ``d``;
 * ``rllc/{c}`` and ``llc/full``: refined LLC of each component, LLC of the full model;
+* ``susceptibility_se/{d}/{c}``, ``rllc_se/{c}``, ``llc_se/full``: their standard errors
+  (a jackknife over blocks of draws, :mod:`susc_callback.estimator.sums`);
 * ``aligned_pc{k}/explained_variance``, ``aligned_pc{k}/variance_rank`` and
   ``aligned_pc{k}_loading/{c}``: the snapshot's PCs *aligned* in sign and order to the
   previous snapshot's, so that a curve follows one direction; ``aligned_pc2`` is not
@@ -71,8 +73,15 @@ def snapshot_scalars(result: SusceptibilityResult, pca: SusceptibilityPCA | None
             continue
         for column, dataset in enumerate(result.dataset_names):
             scalars[f"susceptibility/{dataset}/{name}"] = float(result.dataset_chi[row, column])
+            if result.dataset_chi_se is not None:
+                scalars[f"susceptibility_se/{dataset}/{name}"] = float(
+                    result.dataset_chi_se[row, column])
         scalars[f"rllc/{name}"] = float(result.rllc[row])
+        if result.rllc_se is not None:
+            scalars[f"rllc_se/{name}"] = float(result.rllc_se[row])
     scalars["llc/full"] = float(result.llc_full)
+    if result.llc_full_se is not None:
+        scalars["llc_se/full"] = float(result.llc_full_se)
     scalars["snapshot/failed_components"] = float(len(result.failed))
     if pca is not None:
         ranks = variance_ranks(pca)
