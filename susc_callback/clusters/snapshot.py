@@ -59,7 +59,8 @@ def cluster_snapshot(result: SusceptibilityResult, **options) -> SnapshotCluster
 class SeriesClusters:
     """Every snapshot's clusters, the body plan of the series (None with fewer than 2
     components finite throughout) and the emergence of the last snapshot's clusters
-    ``(K, snapshots)`` (see :func:`~susc_callback.clusters.body_plan.cluster_emergence`)."""
+    ``(K, snapshots)`` (see :func:`~susc_callback.clusters.body_plan.cluster_emergence`;
+    every snapshot clustered into the last one's K clusters for it)."""
 
     snapshots: list[SnapshotClusters]
     body_plan: BodyPlan | None
@@ -78,5 +79,9 @@ def cluster_series(results: list[SusceptibilityResult], **options) -> SeriesClus
         plan = None
     emergence = None
     if last is not None and all(s.clusters is not None for s in snapshots):
-        emergence = cluster_emergence(last.labels_, [s.clusters.labels_ for s in snapshots])
+        # every snapshot clustered into the last one's number of clusters: the overlap
+        # then measures the partition, not each snapshot's own eigengap choice
+        same_count = {**options, "n_clusters": max(2, last.n_clusters_)}
+        emergence = cluster_emergence(last.labels_, [
+            TokenClusters(**same_count).fit(r).labels_ for r in results])
     return SeriesClusters(snapshots, plan, emergence)

@@ -26,12 +26,18 @@ class ClusterAgreement:
 
 def cluster_agreement(first: SusceptibilityResult, second: SusceptibilityResult,
                       **options) -> ClusterAgreement:
-    """Cluster both estimates alike (``options``: of :class:`TokenClusters`) and compare."""
+    """Cluster both estimates alike (``options``: of :class:`TokenClusters`) and compare.
+    Where the first clustering chose its number of clusters (graph, no ``n_clusters``), the
+    second gets the same number: the comparison is of the partitions, not of two eigengap
+    choices (which one noisy eigenvalue can move)."""
     if not (np.array_equal(first.probe_input_ids, second.probe_input_ids)
             and np.array_equal(first.token_sequence, second.token_sequence)):
         raise ValueError("The two estimates were computed on different probe tokens: their "
                          "clusterings cannot be compared token by token")
-    a, b = (TokenClusters(**options).fit(r).labels_ for r in (first, second))
+    fit = TokenClusters(**options).fit(first)
+    if fit.method == "graph" and fit.n_clusters is None:
+        options = {**options, "n_clusters": max(2, fit.n_clusters_)}
+    a, b = fit.labels_, TokenClusters(**options).fit(second).labels_
     clusters = sorted(set(a.tolist()) - {-1})
     best = np.array([max(((a == k) & (b == other)).sum() / ((a == k) | (b == other)).sum()
                          for other in set(b.tolist()) - {-1}) for k in clusters])
