@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import adjusted_rand_score
 
 from susc_callback import SGLDConfig, SusceptibilityResult
@@ -168,7 +169,9 @@ def test_the_umap_body_plan_where_installed():
     from susc_callback.clusters.body_plan import BodyPlan
 
     chi, truth = planted(6, clusters=3)
+    threads = torch.get_num_threads()
     plan = BodyPlan().fit([fake_result(chi, 1), fake_result(chi, 2)], truth)
+    assert torch.get_num_threads() == threads  # numba's reset is undone
     assert plan.method_ == "umap" and [e.shape for e in plan.embedding_] == [(240, 2)] * 2
     assert np.isfinite(plan.tracks_).all()
 

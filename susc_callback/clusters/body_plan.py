@@ -14,6 +14,7 @@ import importlib.util
 from typing import Literal
 
 import numpy as np
+import torch
 from sklearn.decomposition import PCA
 
 from susc_callback.analysis.pca import Standardization, standardize
@@ -81,9 +82,13 @@ class BodyPlan:
 
         rng = np.random.default_rng(self.random_state)
         fit_rows = rng.choice(len(x), min(len(x), self.max_fit_points), replace=False)
-        reducer = umap.UMAP(n_components=2, random_state=self.random_state, n_jobs=1
-                            ).fit(x[fit_rows])
-        return reducer.transform(x)
+        threads = torch.get_num_threads()  # UMAP's numba resets torch's thread count
+        try:
+            reducer = umap.UMAP(n_components=2, random_state=self.random_state, n_jobs=1
+                                ).fit(x[fit_rows])
+            return reducer.transform(x)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def cluster_emergence(final: np.ndarray, per_snapshot: list[np.ndarray]) -> np.ndarray:
