@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from susc_callback.analysis.compare import compare_results
 from susc_callback.analysis.pca import STANDARDIZATIONS
 from susc_callback.cli.common import (
     CommandError,
+    announce_saved,
+    announce_start,
     config_flags,
     load_model,
     load_tokenizer,
@@ -102,9 +103,7 @@ def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, P
         if step not in todo:
             print(f"step {step}: done already ({store.step_dir(step)})")
             continue
-        print(f"step {step}: estimating (checkpoint {index} of {len(checkpoints)})",
-              flush=True)
-        start = time.perf_counter()
+        start = announce_start(step, index, len(checkpoints))
         try:
             model = load_model(path, tokenizer)
             result = estimate_susceptibilities(model, components, sampling.tensors, probe,
@@ -119,8 +118,7 @@ def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, P
             raise CommandError(f"{path}: {error}") from error
         result.extra.update(checkpoint=str(path), components=components,
                             probe_tokens=probe_texts)
-        print(f"step {step}: saved {store.save(result)} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        announce_saved(step, store.save(result), start)
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(out)
     publisher = SnapshotPublisher(store, log_dir, args.n_pcs, args.standardization)
     try:

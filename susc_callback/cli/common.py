@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import get_args, get_type_hints
@@ -87,3 +88,14 @@ def int_or(*words: str) -> Callable[[str], int | str]:
             raise argparse.ArgumentTypeError(
                 f"must be an integer or one of {', '.join(words)}, got {text!r}") from None
     return parse
+
+
+def announce_start(step: int, index: int, total: int) -> float:
+    """Print that checkpoint ``index`` of ``total`` (at ``step``) is being estimated;
+    returns the start time."""
+    print(f"step {step}: estimating (checkpoint {index} of {total})", flush=True)
+    return time.perf_counter()
+
+
+def announce_saved(step: int, path: Path, start: float) -> None:
+    print(f"step {step}: saved {path} ({time.perf_counter() - start:.0f} s)", flush=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ from transformers.utils import logging as hf_logging
 
 from susc_callback.cli.common import (
     CommandError,
+    announce_saved,
+    announce_start,
     config_flags,
     load_model,
     load_tokenizer,
@@ -54,9 +55,7 @@ def influence(args: argparse.Namespace) -> int:
                              args)
                 print(f"step {step}: done already ({store.step_dir(step)})")
                 continue
-            print(f"step {step}: estimating (checkpoint {index} of {len(checkpoints)})",
-                  flush=True)
-            start = time.perf_counter()
+            start = announce_start(step, index, len(checkpoints))
             try:
                 result = estimate_influence(
                     load_model(path, tokenizer), train, queries, config,
@@ -67,8 +66,7 @@ def influence(args: argparse.Namespace) -> int:
             result.extra.update(
                 checkpoint=str(path), components=args.components,
                 train_texts=_texts(train, tokenizer), query_texts=_texts(queries, tokenizer))
-            print(f"step {step}: saved {store.save(result)} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            announce_saved(step, store.save(result), start)
         report = write_influence_report(
             store.load_all(), store.root, tokenizer=tokenizer, count=args.top,
             posterior=args.posterior, title=f"Influence: {Path(args.run_dir).resolve().name}")
