@@ -6,6 +6,8 @@ Tags (``{c}`` a component, ``{d}`` a probe dataset, ``{k}`` a PC number from 1):
 * ``rllc/{c}`` and ``llc/full``: refined LLC of each component, LLC of the full model;
 * ``susceptibility_se/{d}/{c}``, ``rllc_se/{c}``, ``llc_se/full``: their standard errors
   (a jackknife over blocks of draws, :mod:`susc_callback.estimator.sums`);
+* ``diagnostics/{rhat,ess,drift}/{c}`` (and ``/full``): the chains' split R-hat, effective
+  sample size and drift of the observable loss (:mod:`susc_callback.analysis.diagnostics`);
 * ``aligned_pc{k}/explained_variance``, ``aligned_pc{k}/variance_rank`` and
   ``aligned_pc{k}_loading/{c}``: the snapshot's PCs *aligned* in sign and order to the
   previous snapshot's, so that a curve follows one direction; ``aligned_pc2`` is not
@@ -46,6 +48,7 @@ from susc_callback.analysis.attribution import (
     token_in_context,
     top_tokens_markdown,
 )
+from susc_callback.analysis.diagnostics import trace_diagnostics
 from susc_callback.analysis.pca import SusceptibilityPCA, layer_pcas, standardize
 from susc_callback.analysis.series import SnapshotSeries
 from susc_callback.clusters.snapshot import SnapshotClusters
@@ -82,6 +85,9 @@ def snapshot_scalars(result: SusceptibilityResult, pca: SusceptibilityPCA | None
     scalars["llc/full"] = float(result.llc_full)
     if result.llc_full_se is not None:
         scalars["llc_se/full"] = float(result.llc_full_se)
+    for name, found in trace_diagnostics(result).items():
+        for key in ("rhat", "ess", "drift"):
+            scalars[f"diagnostics/{key}/{name}"] = float(getattr(found, key))
     scalars["snapshot/failed_components"] = float(len(result.failed))
     if pca is not None:
         ranks = variance_ranks(pca)

@@ -1,0 +1,105 @@
+"""Chain diagnostics from the loss traces every result keeps (``loss_traces``: the
+observable loss ``L`` at every draw of every chain): are the chains sampling one
+stationary posterior?
+
+* ``rhat``: the rank-free split R-hat of Gelman et al. (each chain cut in halves; the
+  between- over the within-half variance). Near 1 when all chains sample the same
+  distribution; above ``RHAT_LIMIT`` they disagree.
+* ``ess``: the effective sample size of the pooled draws, from the chains' mean
+  autocorrelation summed up to the first negative pair of lags (Geyer's initial positive
+  sequence).
+* ``drift``: the slope of ``L`` over the draws (least squares on the chain-mean trace)
+  in standard errors of the slope (from the ESS of the detrended traces): beyond
+  ``DRIFT_LIMIT`` the traces trend, a sign of too large a step size (rising), too short a
+  burn-in (falling) or a chain leaving the basin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RHAT_LIMIT = 1.1
+DRIFT_LIMIT = 4.0
+
+
+@dataclass(frozen=True)
+class TraceDiagnostics:
+    rhat: float
+    ess: float
+    drift: float
+
+    def problems(self) -> list[str]:
+        """What the diagnostics say is wrong, in words (empty when nothing is)."""
+        found = []
+        if np.isfinite(self.rhat) and self.rhat > RHAT_LIMIT:
+            found.append(f"chains disagree (R-hat {self.rhat:.2f} > {RHAT_LIMIT})")
+        if np.isfinite(self.drift) and abs(self.drift) > DRIFT_LIMIT:
+            direction = "rises" if self.drift > 0 else "falls"
+            found.append(f"the loss {direction} over the draws ({self.drift:+.1f} standard "
+                         "errors: step size too large, burn-in too short, or the chain "
+                         "leaves the basin)")
+        return found
+
+
+def diagnose(traces: np.ndarray) -> TraceDiagnostics:
+    """Diagnostics of ``(chains, draws)`` traces (NaN draws of diverged chains dropped)."""
+    traces = np.asarray(traces, dtype=np.float64)
+    traces = traces[np.isfinite(traces).all(axis=1)]
+    if traces.size == 0 or traces.shape[1] < 4:
+        return TraceDiagnostics(float("nan"), float("nan"), float("nan"))
+    return TraceDiagnostics(split_rhat(traces), effective_sample_size(traces),
+                            drift(traces))
+
+
+def split_rhat(traces: np.ndarray) -> float:
+    half = traces.shape[1] // 2
+    halves = np.concatenate([traces[:, :half], traces[:, half:2 * half]])
+    n = halves.shape[1]
+    within = halves.var(axis=1, ddof=1).mean()
+    between = n * halves.mean(axis=1).var(ddof=1)
+    if within <= 0:
+        return float("nan")
+    return float(np.sqrt(((n - 1) / n * within + between / n) / within))
+
+
+def effective_sample_size(traces: np.ndarray) -> float:
+    chains, n = traces.shape
+    centred = traces - traces.mean(axis=1, keepdims=True)
+    variance = (centred ** 2).mean()
+    if variance <= 0:
+        return float("nan")
+    spectrum = np.fft.rfft(centred, n=2 * n, axis=1)
+    autocov = np.fft.irfft(spectrum * spectrum.conj(), axis=1)[:, :n].mean(0) / n
+    rho = autocov / autocov[0]
+    total = 0.0
+    for lag in range(1, n - 1, 2):  # pairs (rho_lag + rho_lag+1) while positive
+        pair = rho[lag] + rho[lag + 1]
+        if pair < 0:
+            break
+        total += pair
+    tau = max(1.0 + 2.0 * total, 1.0 / (chains * n))
+    return float(chains * n / tau)
+
+
+def drift(traces: np.ndarray) -> float:
+    """Slope of the chain-mean trace over the draws, in standard errors."""
+    mean = traces.mean(axis=0)
+    n = len(mean)
+    draws = np.arange(n) - (n - 1) / 2
+    slope = (draws * (mean - mean.mean())).sum() / (draws ** 2).sum()
+    residual = traces - traces.mean(axis=1, keepdims=True) - slope * draws  # detrended
+    # a least-squares slope's SE with ESS independent points spread over the draws
+    se = np.sqrt(residual.var() / (effective_sample_size(residual) * (draws ** 2).mean()))
+    return float(slope / se) if se > 0 else float("nan")
+
+
+def trace_diagnostics(result) -> dict[str, TraceDiagnostics]:
+    """``{component: diagnostics}`` of a result's loss traces (failed components left out),
+    and ``"full"`` for the full chain."""
+    found = {name: diagnose(traces) for name, traces in zip(result.component_names,
+                                                            result.loss_traces)
+             if name not in result.failed}
+    found["full"] = diagnose(result.full_loss_trace)
+    return found
