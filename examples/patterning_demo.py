@@ -186,17 +186,22 @@ def main() -> None:
                         help="weight of the previous weights when a re-plan is applied")
     parser.add_argument("--chains", type=int, default=2, help="SGLD chains per re-plan")
     parser.add_argument("--draws", type=int, default=None, help="draws per chain per re-plan")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run")
+    parser.add_argument("--runs", nargs="+", default=["control", "accelerate", "delay"],
+                        choices=["control", "accelerate", "delay"])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=Path("outputs/cache"))
     args = parser.parse_args()
     mode = MODES["quick" if args.quick else "default"]
     if args.draws is not None:
         mode = replace(mode, draws=args.draws)
+    if args.steps is not None:
+        mode = replace(mode, steps=args.steps)
     out = args.out or Path("outputs") / f"patterning_demo_{'quick' if args.quick else 'default'}"
     results = {}
     for seed in args.seeds:
         data = build_pool(mode, seed, args.cache)
-        for name in ("control", "accelerate", "delay"):
+        for name in args.runs:
             results[(seed, name)] = summary = run(name, mode, seed, out / f"seed{seed}", data,
                                                   args)
             print(f"seed {seed} {name:10s}: second-copy loss below {summary['threshold']:.2f} "
