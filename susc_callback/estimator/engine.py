@@ -99,13 +99,13 @@ class Draws:
 def sample_draws(model: nn.Module, components: Any, sampling_data: Any, probe: ProbeSet,
                  config: SGLDConfig, *, loss_fn: LossFn | None = None,
                  collate_fn: Callable | None = None,
-                 moments: Callable[[np.ndarray, np.ndarray], Callable[[], LossCrossMoments]]
-                 | None = None) -> Draws:
+                 moments: Callable[[np.ndarray, np.ndarray, torch.device],
+                                   Callable[[], LossCrossMoments]] | None = None) -> Draws:
     """Check the inputs, run every chain and return the running sums (the engine without
     the result assembly, for estimates other than ``chi``). ``moments(token_sequence,
-    token_position)`` returns a factory of the cross-moments each component's sums
-    keep, given the plan's probe-token layout. An empty ``components`` list runs the full
-    chain alone."""
+    token_position, device)`` returns a factory of the cross-moments each component's
+    sums keep, given the plan's probe-token layout and the device the chains run on. An
+    empty ``components`` list runs the full chain alone."""
     device = torch.device(config.device) if config.device else _model_device(model)
     # Gradients are needed even when the caller is inside no_grad() or inference_mode().
     with preserved_rng_state(device), ieee_float32(), torch.inference_mode(False), \
@@ -116,7 +116,8 @@ def sample_draws(model: nn.Module, components: Any, sampling_data: Any, probe: P
                                       allow_no_components=moments is not None)
         snapshot = _float32_snapshot(model, device)
         plan = plan_estimate(snapshot, resolved, data, probe, config, loss_fn, device)
-        factory = moments(plan.token_sequence, plan.token_position) if moments else None
+        factory = moments(plan.token_sequence, plan.token_position, device) if moments \
+            else None
         runner = ChainRunner(plan, data, config, device, factory)
         sums, failed = _run_chains(runner, config, device)
         return Draws(list(resolved), sums, failed, plan.token_sequence, plan.token_position,

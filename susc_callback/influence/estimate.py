@@ -81,8 +81,8 @@ def estimate_influence(
     posteriors = [] if components is None else components
     layout: dict[str, Any] = {}
 
-    def moments(token_sequence: np.ndarray, token_position: np.ndarray
-                ) -> Callable[[], LossCrossMoments]:
+    def moments(token_sequence: np.ndarray, token_position: np.ndarray,
+                device: torch.device) -> Callable[[], LossCrossMoments]:
         sides = [_side_rows(token_sequence, token_position, rows, level, what)
                  for rows, level, what in ((range(len(train)), train_level, "training"),
                                            (range(len(train), len(combined)), query_level,
@@ -90,7 +90,6 @@ def estimate_influence(
         layout["train"], layout["query"] = sides
         _check_memory(sides[0][0].count, sides[1][0].count, layout["posteriors"], config,
                       max_bytes)
-        device = torch.device(config.device) if config.device else _device(model)
         return lambda: LossCrossMoments(sides[0][0], sides[1][0], device)
 
     layout["posteriors"] = 1 + len(resolve_components(model, posteriors, allow_none=True))
@@ -181,10 +180,6 @@ def _memory(config: SGLDConfig) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 8 * 2**30
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _result(draws: Draws, train_rows: np.ndarray, query_rows: np.ndarray, train: ProbeSet,
