@@ -16,6 +16,7 @@ from susc_callback.estimator.sums import (
     DrawSums,
     covariance_susceptibilities,
     jackknife_se,
+    mean_phi_replicates,
     susceptibilities,
     susceptibility_replicates,
 )
@@ -146,7 +147,7 @@ class SusceptibilityResult:
                     replicates, token_dataset, len(datasets)))
                 rllc_se[row] = config.n_beta * jackknife_se(phi_replicates)
         dataset_chi = mean_per_dataset(chi, token_dataset, len(datasets))
-        _, full_phi_replicates = susceptibility_replicates(full, full)
+        full_phi_replicates = mean_phi_replicates(full)
         ids = probe.input_ids
         ids = ids.numpy() if ids is not None else np.zeros((len(probe), 0), np.int64)
         mask = probe.attention_mask

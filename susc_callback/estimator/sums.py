@@ -117,10 +117,21 @@ def susceptibility_replicates(component: DrawSums, full: DrawSums
     ``E_C[phi]``, each without one block (of the component and of the full chain, paired
     by chain and block; blocks without draws in either are skipped)."""
     both = (component.count > 0) & (full.count > 0)
-    c_totals, f_totals = component.pooled(), full.pooled()
-    c = {k: c_totals[k] - getattr(component, k)[both] for k in _FIELDS}
-    f = {k: f_totals[k] - getattr(full, k)[both] for k in _FIELDS}
+    c, f = _leave_one_out(component, both), _leave_one_out(full, both)
     return _chi(c, f).cpu().numpy(), (c["phi"] / c["count"]).cpu().numpy()
+
+
+def mean_phi_replicates(sums: DrawSums) -> np.ndarray:
+    """Jackknife replicates ``(blocks,)`` of ``E[phi]`` of one chain's sums (the full
+    chain's, for the LLC), each without one block that has draws."""
+    c = _leave_one_out(sums, sums.count > 0, ("phi", "count"))
+    return (c["phi"] / c["count"]).cpu().numpy()
+
+
+def _leave_one_out(sums: DrawSums, blocks: torch.Tensor, fields: tuple[str, ...] = _FIELDS
+                   ) -> dict[str, torch.Tensor]:
+    """Per block in ``blocks`` (a mask), the sums of every other block."""
+    return {k: getattr(sums, k).sum(0) - getattr(sums, k)[blocks] for k in fields}
 
 
 def jackknife_se(replicates: np.ndarray) -> np.ndarray:
