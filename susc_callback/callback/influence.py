@@ -109,14 +109,11 @@ class InfluenceCallback(BoundCallback):
                                 float(result.self_influence[full].mean()), step)
         if previous is not None:
             for query in range(len(result.query_datasets)):
-                now, before = (self._top(r, query) for r in (result, previous))
+                now, before = (influential_sequences(r, query, self.count).sequences
+                               for r in (result, previous))
                 self._writer.add_scalar(f"influence/top_overlap/q{query}",
                                         len(now & before) / max(len(now | before), 1), step)
         self._writer.flush()
-
-    def _top(self, result: InfluenceResult, query: int) -> set[int]:
-        found = influential_sequences(result, query, self.count)
-        return {i for i, _ in found.raising + found.lowering}
 
     @property
     def results_dir(self) -> Path | None:

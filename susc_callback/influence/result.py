@@ -117,12 +117,8 @@ class InfluenceResult:
         ``{"raise": [(row, score), ...], "lower": [...]}``, strongest first."""
         if not 0 <= query < self.influence.shape[2]:
             raise ValueError(f"query row {query} is outside [0, {self.influence.shape[2] - 1}]")
-        column = self.matrix(posterior, kind)[:, query]
-        order = np.argsort(column, kind="stable")
-        finite = [int(i) for i in order if np.isfinite(column[i])]
-        pick = lambda rows: [(i, float(column[i])) for i in rows[:count]]  # noqa: E731
-        return {"raise": pick([i for i in reversed(finite) if column[i] > 0]),
-                "lower": pick([i for i in finite if column[i] < 0])}
+        raising, lowering = strongest(self.matrix(posterior, kind)[:, query], count)
+        return {"raise": raising, "lower": lowering}
 
     def _posterior(self, name: str) -> int:
         if name not in self.posterior_names:
@@ -169,3 +165,13 @@ def _mean_by(values: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
     totals = np.zeros((count, *values.shape[1:]))
     np.add.at(totals, labels, values)
     return totals / np.bincount(labels, minlength=count).reshape(-1, *[1] * (values.ndim - 1))
+
+
+def strongest(scores: np.ndarray, count: int
+              ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The ``count`` largest positive and the ``count`` most negative finite entries of
+    ``scores``: ``(index, score)`` pairs, strongest first."""
+    order = [int(i) for i in np.argsort(scores, kind="stable") if np.isfinite(scores[i])]
+    raising = [(i, float(scores[i])) for i in reversed(order) if scores[i] > 0][:count]
+    lowering = [(i, float(scores[i])) for i in order if scores[i] < 0][:count]
+    return raising, lowering

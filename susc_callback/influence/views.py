@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from susc_callback.influence.result import InfluenceResult
+from susc_callback.influence.result import InfluenceResult, strongest
 
 
 @dataclass
@@ -22,6 +22,11 @@ class Influential:
     raising: list[tuple[int, float]]
     lowering: list[tuple[int, float]]
 
+    @property
+    def sequences(self) -> set[int]:
+        """The training sequences in either list."""
+        return {i for i, _ in self.raising + self.lowering}
+
 
 def influential_sequences(result: InfluenceResult, query: int, count: int = 5,
                           posterior: str = "full") -> Influential:
@@ -30,11 +35,7 @@ def influential_sequences(result: InfluenceResult, query: int, count: int = 5,
     queries = len(result.query_datasets)
     if not 0 <= query < queries:
         raise ValueError(f"query sequence {query} is outside [0, {queries - 1}]")
-    column = result.sequence_matrix(posterior)[:, query]
-    order = [int(i) for i in np.argsort(column, kind="stable") if np.isfinite(column[i])]
-    raising = [(i, float(column[i])) for i in reversed(order) if column[i] > 0][:count]
-    lowering = [(i, float(column[i])) for i in order if column[i] < 0][:count]
-    return Influential(query, raising, lowering)
+    return Influential(query, *strongest(result.sequence_matrix(posterior)[:, query], count))
 
 
 @dataclass
@@ -63,10 +64,7 @@ def influence_dynamics(results: list[InfluenceResult], query: int, count: int = 
     ``results`` (one series: the same training and query sequences)."""
     results = sorted(results, key=lambda r: -1 if r.step is None else r.step)
     check_one_influence_series(results)
-    tops = []
-    for result in results:
-        found = influential_sequences(result, query, count, posterior)
-        tops.append({i for i, _ in found.raising + found.lowering})
+    tops = [influential_sequences(r, query, count, posterior).sequences for r in results]
     sequences = sorted(set().union(*tops))
     scores = np.stack([r.sequence_matrix(posterior)[sequences, query] for r in results])
     overlap = np.array([len(a & b) / len(a | b) if a | b else 1.0
