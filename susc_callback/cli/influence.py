@@ -31,7 +31,12 @@ from susc_callback.data.probes import ProbeSet
 from susc_callback.influence import InfluenceResult, estimate_influence
 from susc_callback.influence.result import LEVELS
 from susc_callback.logging.influence_report import sequence_texts, write_influence_report
-from susc_callback.store.run import INFLUENCE_FOLDER, RunStore, find_checkpoints
+from susc_callback.store.run import (
+    INFLUENCE_FOLDER,
+    RunStore,
+    find_checkpoints,
+    settings_differences,
+)
 
 REMEDY = "use the same flags, --force to recompute every checkpoint, or --out DIR"
 
@@ -82,9 +87,7 @@ def _texts(probe: ProbeSet, tokenizer: object | None) -> list[str]:
 def _check_saved(saved: InfluenceResult, path: Path, train: ProbeSet, queries: ProbeSet,
                  config: SGLDConfig, args: argparse.Namespace) -> None:
     """Refuse to continue a series computed with other data or settings."""
-    wanted = config.estimate_settings()
-    differences = [f"{name}={saved.config.get(name)!r} (now {value!r})"
-                   for name, value in wanted.items() if saved.config.get(name) != value]
+    differences = settings_differences(saved.config, config)
     for name, now in (("train_level", args.train_level), ("query_level", args.query_level)):
         if getattr(saved, name) != now:
             differences.append(f"{name}={getattr(saved, name)!r} (now {now!r})")

@@ -160,9 +160,7 @@ def check_same_settings(result: SusceptibilityResult, config: SGLDConfig,
     other values of the fields that define the estimate (``SGLDConfig.estimate_settings``;
     fields that only say how it is run, e.g. ``workers``, may differ). The error names
     every difference, then ``remedy``."""
-    wanted = config.estimate_settings()
-    differences = [f"{name}={result.config.get(name)!r} (now {value!r})"
-                   for name, value in wanted.items() if result.config.get(name) != value]
+    differences = settings_differences(result.config, config)
     if list(result.component_names) != list(components):
         differences.append(f"components {_names(result.component_names)} (now "
                            f"{_names(components)})")
@@ -170,6 +168,13 @@ def check_same_settings(result: SusceptibilityResult, config: SGLDConfig,
         raise ValueError(f"The saved snapshot {path} was computed with other components or SGLD "
                          f"settings than this run's: {'; '.join(differences)}. One series "
                          f"shares them: {remedy}")
+
+
+def settings_differences(saved: dict, config: SGLDConfig) -> list[str]:
+    """``"name=saved (now value)"`` for every field that defines the estimate
+    (``SGLDConfig.estimate_settings``) and differs between a saved config and ``config``."""
+    return [f"{name}={saved.get(name)!r} (now {value!r})"
+            for name, value in config.estimate_settings().items() if saved.get(name) != value]
 
 
 def check_one_series(results: list[SusceptibilityResult], remedy: str) -> None:
