@@ -80,8 +80,11 @@ def cluster_series(results: list[SusceptibilityResult], **options) -> SeriesClus
     emergence = None
     if last is not None and all(s.clusters is not None for s in snapshots):
         # every snapshot clustered into the last one's number of clusters: the overlap
-        # then measures the partition, not each snapshot's own eigengap choice
-        same_count = {**options, "n_clusters": max(2, last.n_clusters_)}
+        # then measures the partition, not each snapshot's own eigengap choice (a
+        # snapshot that already has that many clusters keeps its own clustering)
+        count = max(2, last.n_clusters_)
         emergence = cluster_emergence(last.labels_, [
-            TokenClusters(**same_count).fit(r).labels_ for r in results])
+            s.clusters.labels_ if s.clusters.n_clusters_ == count else
+            TokenClusters(**{**options, "n_clusters": count}).fit(r).labels_
+            for s, r in zip(snapshots, results)])
     return SeriesClusters(snapshots, plan, emergence)
