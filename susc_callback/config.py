@@ -7,7 +7,7 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
-ObservableLoss = Literal["fixed", "minibatch"]
+ObservableLoss = Literal["fixed", "per-block", "minibatch"]
 Anchor = Literal["exact", "separate-batches"]
 OnDivergence = Literal["raise", "mark"]
 BatchChains = Literal["auto", "on", "off"]
@@ -52,6 +52,9 @@ class SGLDConfig:
         "fixed",
         "What L(w) in phi = L(w) - L(w*) is measured on: 'fixed' = the same "
         "observable_sequences sampling sequences at every draw (low variance; default); "
+        "'per-block' = each block of draws of each chain (the standard errors' units, 4 "
+        "per chain) its own random observable_sequences sampling sequences, anchored "
+        "exactly on them, so that the standard errors include which sequences define L; "
         "'minibatch' = the draw's SGLD minibatch, with L(w*) evaluated on that same "
         "minibatch.")
     observable_sequences: int = _estimate(
@@ -113,6 +116,10 @@ class SGLDConfig:
             _check_choice(name, getattr(self, name), choices)
         if self.workers != "auto":
             self._set_int("workers", minimum=1, also="'auto' or ")
+        if self.observable == "per-block" and self.anchor != "exact":
+            raise ValueError("Invalid anchor='separate-batches' with observable='per-block': "
+                             "each block's observable set is anchored on itself; use "
+                             "anchor='exact'")
         if self.num_draws == 1 and self.num_burnin == 0:
             raise ValueError(
                 "Invalid num_draws=1 with num_burnin=0: every chain's only draw would be w* "

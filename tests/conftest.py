@@ -101,16 +101,34 @@ def estimate(model, probe, sampling_ids, config, components=None, **kwargs):
 
 
 def reference_draws(model, masks, data, probe, cfg, name, device="cpu"):
-    """(L, l_x) at every draw of every chain of component ``name``, computed the plain way
-    (:func:`reference.reference_chain`) with the engine's seeds, on ``device``."""
+    """(phi, L, l_x) at every draw of every chain of component ``name``, computed the
+    plain way (:func:`reference.reference_chain`) with the engine's seeds, on ``device``.
+    ``L`` is measured on the fixed observable set, or with ``observable="per-block"`` on
+    the set of the draw's block of its chain; ``phi = L - L(w*)`` on the same set."""
     device = torch.device(device)
-    order = torch.randperm(len(data), generator=make_generator(
-        torch.device("cpu"), chain_seed(cfg.seed, "observable")))
-    observable = {"input_ids": data[order[:cfg.observable_sequences]].to(device)}
+    start = copy.deepcopy(model).to(device)
+
+    def observable_set(*labels):
+        order = torch.randperm(len(data), generator=make_generator(
+            torch.device("cpu"), chain_seed(cfg.seed, "observable", *labels)))
+        return {"input_ids": data[order[:cfg.observable_sequences]].to(device)}
+
+    fixed = observable_set()
+    blocks = min(4, cfg.num_draws)
     probe_batch = {"input_ids": probe.input_ids.to(device),
                    "attention_mask": probe.attention_mask.to(device)}
-    start = copy.deepcopy(model).to(device)
     draws = []
+
+    def on_draw(work, chain):
+        observable = fixed
+        if cfg.observable == "per-block":
+            block = len(draws) % cfg.num_draws * blocks // cfg.num_draws
+            observable = observable_set(chain, block)
+        with torch.no_grad():
+            anchor = mean_valid_loss(start.float(), observable).cpu()
+        loss = mean_valid_loss(work, observable).cpu()
+        draws.append((loss - anchor, loss, probe_token_losses(work, probe_batch).cpu()))
+
     for chain in range(cfg.num_chains):
         batches = EpochSampler(len(data), cfg.batch_size, make_generator(
             torch.device("cpu"), chain_seed(cfg.seed, "batches", chain)))
@@ -120,6 +138,5 @@ def reference_draws(model, masks, data, probe, cfg, name, device="cpu"):
             gamma=cfg.gamma, noise=make_generator(device, chain_seed(cfg.seed, "noise", name,
                                                                      chain)),
             draw_at=lambda step: cfg.draw_at(step) is not None,
-            on_draw=lambda work: draws.append((mean_valid_loss(work, observable).cpu(),
-                                               probe_token_losses(work, probe_batch).cpu())))
+            on_draw=lambda work, chain=chain: on_draw(work, chain))
     return draws

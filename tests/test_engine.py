@@ -3,7 +3,6 @@ restriction, seeding, prefix replay, input errors."""
 
 from __future__ import annotations
 
-import copy
 import random
 
 import numpy as np
@@ -13,7 +12,6 @@ from conftest import (
     DEVICES,
     NEW_PRECISION_API,
     causal_lm_loss,
-    causal_token_losses,
     estimate,
     reference_draws,
     tiny_causal_lm,
@@ -31,29 +29,26 @@ from susc_callback import (
 from susc_callback.components.resolve import resolve_components
 from susc_callback.sampler.group import GroupLosses
 from susc_callback.sampler.prefix import PrefixReplay
-from susc_callback.sampler.sgld import chain_seed, make_generator
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_engine_matches_brute_force_reference(gpt2, probe, sampling_ids, config, device):
-    """Prefix replay, lockstep groups and pruned backward give the plain loop's numbers."""
+@pytest.mark.parametrize("observable", ["fixed", "per-block"])
+def test_engine_matches_brute_force_reference(gpt2, probe, sampling_ids, config, device,
+                                              observable):
+    """Prefix replay, lockstep groups and pruned backward give the plain loop's numbers;
+    so does measuring each block's L on its own observable set."""
+    config = config.replace(device=device, observable=observable)
     heads = head_components(gpt2)
     chosen = [heads[0], heads[3]]  # one head in each layer: prefix depth 0 and 1
-    result = estimate(gpt2, probe, sampling_ids, config.replace(device=device),
-                      components=chosen)
+    result = estimate(gpt2, probe, sampling_ids, config, components=chosen)
     full_masks = {name: None for name, _ in gpt2.named_parameters()}
     full = reference_draws(gpt2, full_masks, sampling_ids, probe, config, "full", device)
-    anchor_ids = sampling_ids[torch.randperm(len(sampling_ids), generator=make_generator(
-        torch.device("cpu"), chain_seed(config.seed, "observable")))[:4]]
-    with torch.no_grad():
-        losses, valid = causal_token_losses(copy.deepcopy(gpt2).float(), anchor_ids)
-    anchor = losses[valid].mean().double()
-    e_full = torch.stack([lx - L for L, lx in full]).mean(0)
+    e_full = torch.stack([lx - L for _, L, lx in full]).mean(0)
     for row, component in enumerate(chosen):
         draws = reference_draws(gpt2, component.masks, sampling_ids, probe, config,
                                 component.name, device)
-        phi = torch.stack([L - anchor for L, _ in draws])
-        delta = torch.stack([lx - L for L, lx in draws])
+        phi = torch.stack([phi for phi, _, _ in draws])
+        delta = torch.stack([lx - L for _, L, lx in draws])
         chi = -((phi[:, None] * delta).mean(0) - phi.mean() * e_full)
         # Losses (~4 nats) are float32: one ulp is 4.8e-7, and the two implementations sum
         # tokens in different orders, so phi and chi agree to a few ulps, not bitwise.
@@ -218,6 +213,22 @@ def test_phi_is_zero_at_the_checkpoint(gpt2, probe, sampling_ids, config):
     result = estimate(gpt2, probe, sampling_ids, config)
     assert np.array_equal(result.loss_traces[:, :, 0],
                           np.broadcast_to(result.anchor_loss[:, None], (4, 2)))
+    assert not result.phi_traces[:, :, 0].any() and not result.full_phi_trace[:, 0].any()
+
+
+def test_per_block_observable_sets_differ_and_are_anchored_on_themselves(
+        gpt2, probe, sampling_ids, config):
+    """Each chain's first draw is w*, so phi = 0 on its own set, whose L(w*) differs from
+    chain to chain (and from the fixed set's); the component's chains do not depend on
+    which other components run beside it."""
+    config = config.replace(observable="per-block")
+    heads = head_components(gpt2)
+    result = estimate(gpt2, probe, sampling_ids, config, components=heads)
+    assert not result.phi_traces[:, :, 0].any()
+    first_losses = result.full_loss_trace[:, 0]  # L(w*) of each chain's first set
+    assert first_losses[0] != first_losses[1]
+    alone = estimate(gpt2, probe, sampling_ids, config, components=[heads[1]])
+    np.testing.assert_allclose(alone.chi[0], result.chi[1], rtol=1e-5, atol=1e-7)
 
 
 def test_separate_batch_anchor_offsets_phi(gpt2, probe, sampling_ids, config):

@@ -69,7 +69,7 @@ def test_damaged_arrays_without_checksum_are_refused(saved):
     (lambda text: text[:len(text) // 2], "meta.json is not valid JSON"),
     (lambda text: "", "meta.json is not valid JSON"),
     (lambda text: "[1, 2]", "holds a list, not an object"),
-    (lambda text: text.replace('"format_version": 3', '"format_version": 9'),
+    (lambda text: text.replace('"format_version": 4', '"format_version": 9'),
      "unsupported result format 9"),
 ])
 def test_damaged_metadata_is_refused(saved, damage, problem):

@@ -53,16 +53,18 @@ def test_an_interrupted_parent_stops_its_workers():
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.parametrize("observable", ["fixed", "per-block"])
 def test_chains_in_forked_workers_give_the_one_process_numbers(gpt2, probe, sampling_ids,
-                                                               config):
+                                                               config, observable):
     """Chain indices split over two forked processes (3 chains: 2 + 1), draws merged."""
-    config = config.replace(num_chains=3)
+    config = config.replace(num_chains=3, observable=observable)
     one = estimate(gpt2, probe, sampling_ids, config.replace(workers=1), components="heads")
     two = estimate(gpt2, probe, sampling_ids, config.replace(workers=2), components="heads")
     # the same chains; only float32 rounding may differ (threads per process differ)
     np.testing.assert_allclose(two.chi, one.chi, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(two.loss_traces, one.loss_traces, rtol=1e-5)
     np.testing.assert_allclose(two.full_loss_trace, one.full_loss_trace, rtol=1e-5)
+    np.testing.assert_allclose(two.phi_traces, one.phi_traces, rtol=1e-4, atol=1e-6)
     assert two.llc_full == pytest.approx(one.llc_full, rel=1e-5)
 
 

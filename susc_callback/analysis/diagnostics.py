@@ -1,6 +1,6 @@
-"""Chain diagnostics from the loss traces every result keeps (``loss_traces``: the
-observable loss ``L`` at every draw of every chain): are the chains sampling one
-stationary posterior?
+"""Chain diagnostics from the traces every result keeps (``phi = L(w) - L(w*)``, the
+observable loss above its anchor, at every draw of every chain): are the chains sampling
+one stationary posterior?
 
 * ``rhat``: the rank-free split R-hat of Gelman et al. (each chain cut in halves; the
   between- over the within-half variance). Near 1 when all chains sample the same
@@ -96,10 +96,10 @@ def drift(traces: np.ndarray) -> float:
 
 
 def trace_diagnostics(result) -> dict[str, TraceDiagnostics]:
-    """``{component: diagnostics}`` of a result's loss traces (failed components left out),
-    and ``"full"`` for the full chain."""
-    found = {name: diagnose(traces) for name, traces in zip(result.component_names,
-                                                            result.loss_traces)
+    """``{component: diagnostics}`` of a result's ``phi`` traces (failed components left
+    out), and ``"full"`` for the full chain."""
+    traces, full = result.phi_trace_arrays()
+    found = {name: diagnose(trace) for name, trace in zip(result.component_names, traces)
              if name not in result.failed}
-    found["full"] = diagnose(result.full_loss_trace)
+    found["full"] = diagnose(full)
     return found

@@ -43,7 +43,7 @@ def _rllc_sentence(result: SusceptibilityResult) -> str:
     low, high = finite[np.argmin(result.rllc[finite])], finite[np.argmax(result.rllc[finite])]
     chains = result.loss_traces.shape[1]
     n_beta = result.config.get("n_beta", np.nan)
-    phi = result.loss_traces - result.anchor_loss[:, None, None]
+    phi = result.phi_trace_arrays()[0]
     if chains > 1:
         error = n_beta * np.nanstd(np.nanmean(phi, axis=2), axis=1, ddof=1) / np.sqrt(chains)
         uncertainty = (f" (± between-chain standard error, {chains} chains: "

@@ -106,7 +106,7 @@ def check_has_targets(data: SamplingData) -> None:
 def check_data_size(size: int, config: SGLDConfig) -> None:
     """Enough sampling sequences for a minibatch and the observable (and anchor) sets."""
     needed = {"batch_size": config.batch_size}
-    if config.observable == "fixed" or config.anchor == "separate-batches":
+    if config.observable != "minibatch" or config.anchor == "separate-batches":
         needed["observable_sequences"] = config.observable_sequences
     if config.anchor == "separate-batches":
         needed["2 * observable_sequences (separate anchor set)"] = 2 * config.observable_sequences

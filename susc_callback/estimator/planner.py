@@ -22,11 +22,12 @@ from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
 from susc_callback.data.sampling import LossFn, SamplingData, token_losses
 from susc_callback.estimator.checks import check_fits_model
+from susc_callback.estimator.observable import seeded_chunks
 from susc_callback.estimator.plan import FULL, EstimatePlan, GroupPlan, OptimumDraw
 from susc_callback.estimator.stacking_policy import StackLimit, decide_stacking
 from susc_callback.sampler.group import GroupLosses
 from susc_callback.sampler.prefix import PrefixReplay
-from susc_callback.sampler.sgld import chain_seed, make_generator, restricted_chains
+from susc_callback.sampler.sgld import restricted_chains
 
 
 def plan_estimate(model: nn.Module, components: list[ResolvedComponent], data: SamplingData,
@@ -75,16 +76,11 @@ def plan_estimate(model: nn.Module, components: list[ResolvedComponent], data: S
 
 def _observable_and_anchor_chunks(data: SamplingData, config: SGLDConfig,
                                   device: torch.device) -> tuple[list[dict], list[dict]]:
-    """The fixed observable set and the separate anchor set (``anchor="separate-batches"``)
-    in passes of ``eval_batch_size``: disjoint sequences of one seeded permutation."""
-    order = torch.randperm(len(data), generator=make_generator(
-        torch.device("cpu"), chain_seed(config.seed, "observable")))
-    m, size = config.observable_sequences, config.eval_batch_size
-
-    def chunks(indices: torch.Tensor) -> list[dict]:
-        return [data.batch(indices[i:i + size], device) for i in range(0, len(indices), size)]
-
-    return chunks(order[:m]), chunks(order[m:2 * m])
+    """The fixed observable set and the separate anchor set (``anchor="separate-batches"``):
+    disjoint sequences of one seeded permutation."""
+    m = config.observable_sequences
+    return (seeded_chunks(data, config, device, ("observable",), m),
+            seeded_chunks(data, config, device, ("observable",), m, skip=m))
 
 
 def _probe_layout(model: nn.Module, loss_fn: LossFn | None, probe_chunks: list[dict]
@@ -137,10 +133,11 @@ def _evaluate_optimum(group_losses: Callable[[int, list[dict]], GroupLosses],
                                                          or first_draw_at_optimum)
     with torch.no_grad():
         at_optimum = group_losses(0, observable_chunks if needs_observable else [])
-        observable = at_optimum.observable_loss()[0] if needs_observable else None
+        observable = at_optimum.mean(at_optimum.observable)[0] if needs_observable else None
         anchor = observable
         if config.anchor == "separate-batches":
-            anchor = group_losses(0, anchor_chunks).observable_loss()[0]
+            anchor_losses = group_losses(0, anchor_chunks)
+            anchor = anchor_losses.mean(anchor_losses.observable)[0]
         for what, value in (("observable loss", observable), ("anchor loss", anchor)):
             if value is not None:
                 _check_finite_at_optimum(value, what)

@@ -25,9 +25,11 @@ from susc_callback.store.files import ResultFileError, read_folder, write_folder
 _ARRAYS = ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces",
            "full_loss_trace", "token_sequence", "token_position", "probe_input_ids",
            "probe_attention_mask")
-_OPTIONAL_ARRAYS = ("chi_covariance", "chi_se", "dataset_chi_se", "rllc_se", "llc_full_se")
-_FORMAT_VERSION = 3
-_READABLE_VERSIONS = (1, 2, 3)  # 1 has no chi_covariance, 1 and 2 no standard errors
+_OPTIONAL_ARRAYS = ("chi_covariance", "chi_se", "dataset_chi_se", "rllc_se", "llc_full_se",
+                    "phi_traces", "full_phi_trace")
+_FORMAT_VERSION = 4
+_READABLE_VERSIONS = (1, 2, 3, 4)  # 1 has no chi_covariance, 1 and 2 no standard errors,
+                                   # 1-3 no phi traces
 
 
 @dataclass
@@ -53,6 +55,9 @@ class SusceptibilityResult:
         anchor_loss: ``(C,)`` ``L(w*)`` used for each component's ``phi``.
         loss_traces: ``(C, chains, draws)`` observable loss ``L`` at every draw.
         full_loss_trace: ``(chains, draws)`` the same for the full chain.
+        phi_traces, full_phi_trace: the same for ``phi = L(w) - L(w*)``, level where the
+            observable set changes (``observable="per-block"``); None in results saved
+            before they were stored (use :meth:`phi_trace_arrays`).
         token_sequence, token_position: ``(P,)`` where each probe token sits in the probe
             (token ``(s, t)`` is the loss of predicting ``probe_input_ids[s, t+1]``).
         token_dataset: ``(P,)`` index into ``dataset_names``.
@@ -91,6 +96,18 @@ class SusceptibilityResult:
     dataset_chi_se: np.ndarray | None = None
     rllc_se: np.ndarray | None = None
     llc_full_se: float | None = None
+    phi_traces: np.ndarray | None = None
+    full_phi_trace: np.ndarray | None = None
+
+    def phi_trace_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``phi`` at every draw, ``(C, chains, draws)`` and ``(chains, draws)``: the
+        stored traces, or for older results ``L`` minus the mean anchor (exact for a fixed
+        observable set)."""
+        if self.phi_traces is not None and self.full_phi_trace is not None:
+            return self.phi_traces, self.full_phi_trace
+        full_anchor = np.nanmean(self.anchor_loss) if len(self.anchor_loss) else 0.0
+        return (self.loss_traces - self.anchor_loss[:, None, None],
+                self.full_loss_trace - full_anchor)
 
     @property
     def token_dataset(self) -> np.ndarray:
@@ -160,6 +177,8 @@ class SusceptibilityResult:
                                   for n in names]),
             loss_traces=np.stack([sums[n].loss_trace.cpu().numpy() for n in names]),
             full_loss_trace=full.loss_trace.cpu().numpy(),
+            phi_traces=np.stack([sums[n].phi_trace.cpu().numpy() for n in names]),
+            full_phi_trace=full.phi_trace.cpu().numpy(),
             token_sequence=token_sequence.astype(np.int64),
             token_position=token_position.astype(np.int64),
             probe_input_ids=ids, probe_attention_mask=mask,
@@ -206,7 +225,7 @@ def mean_per_dataset(values: np.ndarray, token_dataset: np.ndarray, count: int) 
 
 
 _PER_COMPONENT = ("chi", "chi_covariance", "dataset_chi", "rllc", "mean_phi", "anchor_loss",
-                  "loss_traces", "chi_se", "dataset_chi_se", "rllc_se")
+                  "loss_traces", "chi_se", "dataset_chi_se", "rllc_se", "phi_traces")
 
 
 def _rows(values: np.ndarray | None, rows: list[int]) -> np.ndarray | None:

@@ -17,11 +17,12 @@ import torch
 from susc_callback.config import SGLDConfig
 from susc_callback.data.sampling import EpochSampler, SamplingData
 from susc_callback.estimator.moments import LossCrossMoments
+from susc_callback.estimator.observable import ChainObservable
 from susc_callback.estimator.plan import FULL, EstimatePlan, OptimumDraw
 from susc_callback.estimator.stacking_policy import StackLimit, refuse_stacking
 from susc_callback.estimator.sums import DrawSums
 from susc_callback.sampler.divergence import ChainDivergedError, DivergenceWatch
-from susc_callback.sampler.group import ChainStep
+from susc_callback.sampler.group import Captured, ChainStep
 from susc_callback.sampler.sgld import (
     RestrictedChain,
     chain_seed,
@@ -68,8 +69,8 @@ class ChainRunner:
     def _run_chain(self, group_index: int, chain_index: int, sums: dict[str, DrawSums],
                    progress: Callable[[int], None]) -> None:
         cfg, group = self.config, self.plan.groups[group_index]
-        anchor, optimum_draw = self.plan.anchor, self.plan.optimum_draw
-        minibatch_observable = cfg.observable == "minibatch"
+        observable = ChainObservable(cfg, self.data, group.losses, chain_index,
+                                     self.plan.anchor, self.device)
         members = [c for c in group.members if c.name not in self.failed]
         chains = restricted_chains(members, self.params, cfg.seed, chain_index, self.device)
         batches = EpochSampler(len(self.data), cfg.batch_size, make_generator(
@@ -80,12 +81,12 @@ class ChainRunner:
             draw = cfg.draw_at(step_index)
             with torch.no_grad():
                 hidden = group.losses.capture(batch)
-                if draw is not None and minibatch_observable and cfg.anchor == "exact":
-                    anchor = group.losses.mean([(batch, hidden)])[0]
-            shared_draw = optimum_draw if step_index == 0 else None
+                observable.at(draw, batch, hidden)
+            shared_draw = self.plan.optimum_draw if step_index == 0 else None
             evaluate_draw = draw is not None and shared_draw is None
+            step = (group_index, batch, hidden, evaluate_draw, observable.chunks)
             try:
-                evaluated = self._evaluate(chains, group_index, batch, hidden, evaluate_draw)
+                evaluated = self._evaluate(chains, *step)
             except Exception:
                 # A chain that diverged since the last read may have made a loss_fn raise
                 # on its non-finite weights: report it and retry the step without it
@@ -94,11 +95,11 @@ class ChainRunner:
                 if not diverged:
                     raise
                 chains = self._drop_diverged(chains, diverged, chain_index, sums)
-                evaluated = self._evaluate(chains, group_index, batch, hidden, evaluate_draw)
+                evaluated = self._evaluate(chains, *step)
             if shared_draw is not None:
-                _share_draw(evaluated, shared_draw)
+                _share_draw(evaluated, shared_draw, observable)
             for chain, output in evaluated:
-                self._advance(chain, output, chain_index, step_index, draw, anchor,
+                self._advance(chain, output, chain_index, step_index, draw, observable.anchor,
                               sums[chain.name], watch)
             if (step_index + 1) % DIVERGENCE_READ_EVERY == 0 or step_index + 1 == cfg.num_steps:
                 chains = self._drop_diverged(chains, watch.diverged(step_index + 1),
@@ -106,19 +107,20 @@ class ChainRunner:
             progress(len(group.members))
 
     def _evaluate(self, chains: list[RestrictedChain], group_index: int, batch: dict,
-                  hidden: torch.Tensor | None, draw: bool) -> Evaluated:
-        """Every chain's step outputs. The full chain runs alone; the others one at a time,
-        or stacked in parts of the stack limit."""
+                  hidden: torch.Tensor | None, draw: bool, observable: Captured | None
+                  ) -> Evaluated:
+        """Every chain's step outputs (at a draw, ``L`` over ``observable``; None: the
+        minibatch). The full chain runs alone; the others one at a time, or stacked in
+        parts of the stack limit."""
         losses = self.plan.groups[group_index].losses
-        minibatch_observable = self.config.observable == "minibatch"
         restricted = [c for c in chains if c.name != FULL]
         full = [c for c in chains if c.name == FULL]
         pairs = list(zip(full, losses.evaluate_sequential(full, batch, hidden, draw,
-                                                          minibatch_observable)))
+                                                          observable)))
         done = 0
         if self.stacked[group_index]:
             def stacked(part: list[RestrictedChain]) -> list[ChainStep]:
-                return losses.evaluate_stacked(part, batch, hidden, draw, minibatch_observable)
+                return losses.evaluate_stacked(part, batch, hidden, draw, observable)
 
             try:
                 for part, outputs in self.limit.parts(restricted, stacked):
@@ -129,7 +131,7 @@ class ChainRunner:
                 self.stacked[group_index] = False  # for the group's later chains too
         rest = restricted[done:]
         return pairs + list(zip(rest, losses.evaluate_sequential(rest, batch, hidden, draw,
-                                                                 minibatch_observable)))
+                                                                 observable)))
 
     def _advance(self, chain: RestrictedChain, output: ChainStep, chain_index: int,
                  step_index: int, draw: int | None, anchor: torch.Tensor, sums: DrawSums,
@@ -157,14 +159,20 @@ class ChainRunner:
             self.failed[name] = str(error)
             warnings.warn(str(error), RuntimeWarning, stacklevel=3)
             first_bad_draw = -(-max(bad_step - cfg.num_burnin, 0) // cfg.steps_between_draws)
-            sums[name].loss_trace[chain_index, first_bad_draw:] = float("nan")
+            for trace in (sums[name].loss_trace, sums[name].phi_trace):
+                trace[chain_index, first_bad_draw:] = float("nan")
         names = {name for name, _, _ in diverged}
         return [c for c in chains if c.name not in names]
 
 
-def _share_draw(evaluated: Evaluated, draw: OptimumDraw) -> None:
-    """Give every chain's step the same draw at ``w*``, evaluated once (its observable
-    None: each chain's minibatch loss is its observable)."""
+def _share_draw(evaluated: Evaluated, draw: OptimumDraw, observable: ChainObservable
+                ) -> None:
+    """Give every chain's step the same draw at ``w*``, evaluated once. Its observable
+    loss is the plan's fixed set's, else the chain's own set's ``L(w*)``, else (the
+    minibatch observable) each chain's minibatch loss."""
+    value = draw.observable
+    if value is None and observable.chunks is not None:
+        value = observable.anchor
     for _, output in evaluated:
-        output.observable = output.loss if draw.observable is None else draw.observable
+        output.observable = output.loss if value is None else value
         output.tokens = draw.tokens

@@ -31,6 +31,17 @@ from susc_callback.estimator.moments import LossCrossMoments
 
 ERROR_BLOCKS = 4
 """Contiguous blocks of draws per chain, the jackknife's units (fewer with fewer draws)."""
+
+
+def error_blocks(num_draws: int) -> int:
+    """Blocks per chain: ``ERROR_BLOCKS``, or one per draw with fewer draws."""
+    return max(1, min(ERROR_BLOCKS, num_draws))
+
+
+def block_of(draw: int, num_draws: int) -> int:
+    """The block of draws that draw ``draw`` of a chain belongs to."""
+    return draw * error_blocks(num_draws) // num_draws
+
 _FIELDS = ("count", "phi", "loss", "phi_loss", "token", "phi_token", "anchor")
 
 
@@ -45,7 +56,7 @@ class DrawSums:
     def __init__(self, num_tokens: int, num_chains: int, num_draws: int,
                  device: torch.device, moments: LossCrossMoments | None = None) -> None:
         self.moments, self.num_draws = moments, num_draws
-        self.blocks = max(1, min(ERROR_BLOCKS, num_draws))
+        self.blocks = error_blocks(num_draws)
         groups = num_chains * self.blocks
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         self.count, self.phi, self.loss, self.phi_loss = (zeros(groups) for _ in range(4))
@@ -53,11 +64,14 @@ class DrawSums:
         self.anchor = zeros(groups)
         self.loss_trace = torch.full((num_chains, num_draws), float("nan"), dtype=torch.float64,
                                      device=device)
+        self.phi_trace = self.loss_trace.clone()
 
     def add(self, chain: int, draw: int, loss: torch.Tensor, anchor_loss: torch.Tensor,
             token_losses: torch.Tensor) -> None:
-        """Add one draw: observable loss ``L``, ``L(w*)`` and probe losses ``l`` (P,)."""
-        g = chain * self.blocks + draw * self.blocks // self.num_draws
+        """Add one draw: observable loss ``L``, ``L(w*)`` and probe losses ``l`` (P,).
+        Both traces are kept: ``L`` and ``phi``, which stays level where the observable
+        set changes (``observable="per-block"``)."""
+        g = chain * self.blocks + block_of(draw, self.num_draws)
         loss = loss.detach().double()
         phi = loss - anchor_loss.double()
         token_losses = token_losses.detach().double()
@@ -68,6 +82,7 @@ class DrawSums:
         self.token[g] += token_losses
         self.phi_token[g] += phi * token_losses
         self.loss_trace[chain, draw] = loss
+        self.phi_trace[chain, draw] = phi
         self.anchor[g] += anchor_loss.double()
         if self.moments is not None:
             self.moments.add(token_losses)
@@ -77,6 +92,7 @@ class DrawSums:
         for name in _FIELDS:
             getattr(self, name).add_(getattr(other, name))
         self.loss_trace[chains] = other.loss_trace[chains]
+        self.phi_trace[chains] = other.phi_trace[chains]
         if self.moments is not None:
             self.moments.merge(other.moments)
 

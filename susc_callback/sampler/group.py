@@ -37,6 +37,8 @@ class ChainStep:
     tokens: torch.Tensor | None = None
 
 
+Captured = list[tuple[dict, torch.Tensor | None]]
+"""Chunks of sequences with their frozen prefix's outputs (:meth:`GroupLosses.captured`)."""
 CHECK_SEQUENCES = 2  # probe sequences of the stacking check: what it looks for shows on
                     # any rows (a parameter read outside its module changes every row; a
                     # loss or module mixing rows mixes the stacked chains' copies), so a
@@ -62,7 +64,11 @@ class GroupLosses:
         self.probe = [(c, self.capture(c), v.reshape(-1).nonzero().squeeze(1))
                       for c, v in zip(probe_chunks, probe_valid)]
         self.probe_valid = probe_valid
-        self.observable = [(c, self.capture(c)) for c in observable_chunks]
+        self.observable = self.captured(observable_chunks)
+
+    def captured(self, chunks: list[dict]) -> Captured:
+        """``chunks`` with their frozen prefix's outputs, ready for :meth:`mean`."""
+        return [(c, self.capture(c)) for c in chunks]
 
     def capture(self, batch: dict) -> torch.Tensor | None:
         """The frozen prefix's output on ``batch`` (None when nothing is frozen)."""
@@ -128,8 +134,7 @@ class GroupLosses:
             return total / count, [g / count[0] for g in grads]
         return total / count, [g / count.view(-1, *[1] * (g.dim() - 1)) for g in grads]
 
-    def mean(self, chunks: list[tuple[dict, torch.Tensor | None]],
-             stack: StackedModules | None = None) -> torch.Tensor:
+    def mean(self, chunks: Captured, stack: StackedModules | None = None) -> torch.Tensor:
         """Token-weighted mean loss over ``chunks``, ``(G,)`` float64."""
         total, count = 0.0, 0
         for chunk, hidden in chunks:
@@ -144,9 +149,11 @@ class GroupLosses:
                  for chunk, hidden, positions in self.probe]
         return torch.cat(parts, dim=-1)
 
-    def observable_loss(self, stack: StackedModules | None = None) -> torch.Tensor:
-        """Mean loss of the fixed observable set, ``(G,)`` float64."""
-        return self.mean(self.observable, stack)
+    def _draw_observable(self, losses: torch.Tensor, observable: Captured | None,
+                         stack: StackedModules | None = None) -> torch.Tensor:
+        """A draw's observable loss ``(G,)``: the mean over ``observable``, or the
+        minibatch loss ``losses`` when it is None."""
+        return losses if observable is None else self.mean(observable, stack)
 
     def probe_sample(self, count: int) -> tuple[dict, torch.Tensor | None]:
         """The first ``count`` probe sequences of one chunk that have valid tokens (fewer
@@ -160,8 +167,10 @@ class GroupLosses:
 
     def evaluate_sequential(self, chains: list[RestrictedChain], batch: dict,
                             hidden: torch.Tensor | None, draw: bool,
-                            minibatch_observable: bool) -> list[ChainStep]:
-        """One chain at a time: load its values, forward/backward, evaluate, restore ``w*``."""
+                            observable: Captured | None) -> list[ChainStep]:
+        """One chain at a time: load its values, forward/backward, evaluate, restore ``w*``.
+        At a draw the observable loss is the mean over ``observable`` (None: the
+        minibatch's)."""
         steps = []
         for chain in chains:
             chain.load()
@@ -170,8 +179,7 @@ class GroupLosses:
                 step = ChainStep(loss[0], grads)
                 if draw:
                     with torch.no_grad():
-                        step.observable = step.loss if minibatch_observable else \
-                            self.observable_loss()[0]
+                        step.observable = self._draw_observable(loss, observable)[0]
                         step.tokens = self.probe_losses()[0]
             finally:
                 chain.unload()
@@ -180,7 +188,7 @@ class GroupLosses:
 
     def evaluate_stacked(self, chains: list[RestrictedChain], batch: dict,
                          hidden: torch.Tensor | None, draw: bool,
-                         minibatch_observable: bool) -> list[ChainStep]:
+                         observable: Captured | None) -> list[ChainStep]:
         """All chains at once, as one batch of ``G x B`` rows over their stacked values."""
         names = list(dict.fromkeys(name for chain in chains for name in chain.names))
         values = {name: _stack(self.model.get_parameter(name), name, chains).requires_grad_()
@@ -191,7 +199,7 @@ class GroupLosses:
         observables = tokens = None
         if draw:
             with torch.no_grad():
-                observables = losses if minibatch_observable else self.observable_loss(stack)
+                observables = self._draw_observable(losses, observable, stack)
                 tokens = self.probe_losses(stack)
         steps = []
         for j, chain in enumerate(chains):
@@ -215,9 +223,9 @@ class GroupLosses:
             for j, chain in enumerate(chains):
                 shift = 0.01 * (1 + j / len(chains))
                 chain.state = [value + shift for value in chain.state]
-            sequential = self.evaluate_sequential(chains, chunk, hidden, False, True)
+            sequential = self.evaluate_sequential(chains, chunk, hidden, False, None)
             try:
-                stacked = self.evaluate_stacked(chains, chunk, hidden, False, True)
+                stacked = self.evaluate_stacked(chains, chunk, hidden, False, None)
             except (StackingUnsupported, torch.OutOfMemoryError):
                 raise
             except Exception as error:  # any other failure means: do not stack
