@@ -14,15 +14,7 @@ import numpy as np
 
 from susc_callback import SusceptibilityPCA, SusceptibilityResult
 from susc_callback.analysis.pca import Standardization
-
-
-def separation_margin(loadings: np.ndarray, names: list[str], group: set[str]) -> float:
-    """``min(group) - max(rest)`` of sign-oriented loadings (NaN if either side is empty)."""
-    inside = np.array([n in group for n in names])
-    if inside.all() or not inside.any():
-        return float("nan")
-    oriented = loadings if loadings[inside].mean() >= loadings[~inside].mean() else -loadings
-    return float(oriented[inside].min() - oriented[~inside].max())
+from susc_callback.analysis.reliability import separation_margin
 
 
 def layer_of(name: str) -> int:

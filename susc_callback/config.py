@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 ObservableLoss = Literal["fixed", "per-block", "minibatch"]
@@ -49,12 +51,13 @@ class SGLDConfig:
     steps_between_draws: int = _estimate(1, "SGLD steps from one draw to the next.")
     batch_size: int = _estimate(16, "Sequences per SGLD minibatch.")
     observable: ObservableLoss = _estimate(
-        "fixed",
-        "What L(w) in phi = L(w) - L(w*) is measured on: 'fixed' = the same "
-        "observable_sequences sampling sequences at every draw (low variance; default); "
-        "'per-block' = each block of draws of each chain (the standard errors' units, 4 "
-        "per chain) its own random observable_sequences sampling sequences, anchored "
-        "exactly on them, so that the standard errors include which sequences define L; "
+        "per-block",
+        "What L(w) in phi = L(w) - L(w*) is measured on: 'per-block' (default) = each "
+        "block of draws of each chain (the standard errors' units, 4 per chain) its own "
+        "random observable_sequences sampling sequences, anchored exactly on them: which "
+        "sequences define L then averages out over the blocks and shows in the standard "
+        "errors; 'fixed' = the same observable_sequences sequences at every draw of every "
+        "chain (the papers' setting; its standard errors miss that choice); "
         "'minibatch' = the draw's SGLD minibatch, with L(w*) evaluated on that same "
         "minibatch.")
     observable_sequences: int = _estimate(
@@ -117,9 +120,10 @@ class SGLDConfig:
         if self.workers != "auto":
             self._set_int("workers", minimum=1, also="'auto' or ")
         if self.observable == "per-block" and self.anchor != "exact":
-            raise ValueError("Invalid anchor='separate-batches' with observable='per-block': "
-                             "each block's observable set is anchored on itself; use "
-                             "anchor='exact'")
+            raise ValueError("Invalid anchor='separate-batches' with observable='per-block' "
+                             "(the default): each block's observable set is anchored on "
+                             "itself; use anchor='exact', or observable='fixed' for one "
+                             "observable set and a separate anchor set")
         if self.num_draws == 1 and self.num_burnin == 0:
             raise ValueError(
                 "Invalid num_draws=1 with num_burnin=0: every chain's only draw would be w* "
@@ -181,6 +185,25 @@ class SGLDConfig:
         if unknown:
             raise ValueError(f"Unknown SGLDConfig fields {unknown}; valid: {sorted(known)}")
         return cls(**values)
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the fields that define the estimate as JSON (what ``susc analyze --config``
+        and :meth:`from_json` read); returns the path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.estimate_settings(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path, **changes: Any) -> SGLDConfig:
+        """A config from a JSON file of fields (e.g. ``susc calibrate``'s
+        ``recommended_config.json``), with ``changes`` on top."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"Cannot read an SGLDConfig from {path}: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object of SGLDConfig fields")
+        return cls.from_dict({**values, **changes})
 
     def replace(self, **changes: Any) -> SGLDConfig:
         """A copy with some fields changed (validated again)."""

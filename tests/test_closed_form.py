@@ -468,3 +468,32 @@ def test_fluctuation_dissipation_engine(problem, engine, replicates, fd_point):
         assert abs(from_fd - chi_engine - gap) < tolerance
         for wrong in (-chi_engine, 2 * chi_engine):
             assert abs(from_fd - wrong - gap) > tolerance
+
+
+def test_localisation_share_matches_the_chain_law(problem, engine):
+    """gamma E|u - u*|^2 / d, with E|u - u*|^2 = tr(Sigma) + |m - u*|^2 under the exact
+    stationary law, for every component and the full chain; the SE from R replicates of
+    the exact AR(1) chains (same K, B, T)."""
+    result = engine[0]
+    rng = np.random.default_rng(99)
+    for name, idx in [*COMPONENTS.items(), ("full", np.ones(P, bool))]:
+        law = problem.chain_law(idx)
+        C = law["C"]
+        exact = GAMMA * (np.trace(law["S"]) + np.sum((law["m"] - problem.wstar[C]) ** 2)) \
+            / len(C)
+        u = np.broadcast_to(problem.wstar[C], (REPLICATES, CHAINS, len(C))).copy()
+        total = np.zeros(REPLICATES)
+        for step in range(BURNIN + DRAWS):
+            if step >= BURNIN:
+                total += ((u - problem.wstar[C]) ** 2).sum(-1).sum(-1)
+            u = law["m"] + (u - law["m"]) @ law["M"].T \
+                + math.sqrt(EPS) * rng.standard_normal(u.shape)
+        simulated = GAMMA * total / (CHAINS * DRAWS * len(C))
+        share_se = se(simulated)
+        found = result.full_localisation if name == "full" else \
+            result.localisation[list(COMPONENTS).index(name)]
+        print(f"{name}: localisation share exact {exact:.4f} engine {found:.4f} "
+              f"|err|/SE {abs(found - exact) / share_se:.2f}")
+        assert abs(simulated.mean() - exact) < 5 * share_se / math.sqrt(REPLICATES)
+        assert abs(found - exact) < Z * share_se
+        assert 0 < exact < 1.1 and abs(2 * found - exact) > Z * share_se

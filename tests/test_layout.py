@@ -16,7 +16,7 @@ LAYERS = [
     {"estimator"},
     {"store.run", "store"},
     {"analysis"},
-    {"influence", "clusters"},
+    {"influence", "clusters", "calibration"},
     {"logging"},
     {"callback"},
     {"patterning"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -41,17 +42,25 @@ def test_aligned_pcs_carry_their_variance_rank(result):
     assert spectrum == sorted(spectrum, reverse=True)
 
 
-def test_written_summary_states_the_rllc_and_its_between_chain_error(result):
+def test_written_summary_states_the_rllc_and_its_standard_error(result):
     lines = written_summary(summarize_run([result]))
     low, high = int(np.argmin(result.rllc)), int(np.argmax(result.rllc))
-    phi = result.loss_traces - result.anchor_loss[:, None, None]  # (C, chains, draws)
-    chain_means = phi.mean(axis=2)
-    errors = result.config["n_beta"] * chain_means.std(axis=1, ddof=1) / np.sqrt(2)
     rllc = next(line for line in lines if line.startswith("rLLC"))
     assert f"{result.rllc[low]:.3g} ({result.component_names[low]})" in rllc
     assert f"{result.rllc[high]:.3g} ({result.component_names[high]})" in rllc
-    assert f"2 chains: {errors[low]:.2g} and {errors[high]:.2g}" in rllc
+    assert f"standard error {result.rllc_se[low]:.2g} and {result.rllc_se[high]:.2g}" in rllc
     assert any(line.startswith("Layer l1h: a PCA of its 2 components") for line in lines)
+
+
+def test_an_older_result_gets_the_between_chain_error(result):
+    """Results saved before standard errors were stored: the chains' spread of E_C[phi]."""
+    older = replace(result, rllc_se=None)
+    rllc = next(line for line in written_summary(summarize_run([older]))
+                if line.startswith("rLLC"))
+    low, high = int(np.argmin(result.rllc)), int(np.argmax(result.rllc))
+    phi = result.loss_traces - result.anchor_loss[:, None, None]  # (C, chains, draws)
+    errors = result.config["n_beta"] * phi.mean(axis=2).std(axis=1, ddof=1) / np.sqrt(2)
+    assert f"2 chains: {errors[low]:.2g} and {errors[high]:.2g}" in rllc
 
 
 def test_training_loss_comes_from_the_latest_checkpoint(result, tmp_path):

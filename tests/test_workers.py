@@ -64,7 +64,7 @@ def test_chains_in_forked_workers_give_the_one_process_numbers(gpt2, probe, samp
     np.testing.assert_allclose(two.chi, one.chi, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(two.loss_traces, one.loss_traces, rtol=1e-5)
     np.testing.assert_allclose(two.full_loss_trace, one.full_loss_trace, rtol=1e-5)
-    np.testing.assert_allclose(two.phi_traces, one.phi_traces, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(two.probe_traces, one.probe_traces, rtol=1e-5)
     assert two.llc_full == pytest.approx(one.llc_full, rel=1e-5)
 
 

@@ -1,6 +1,7 @@
-"""Chain diagnostics from the traces every result keeps (``phi = L(w) - L(w*)``, the
-observable loss above its anchor, at every draw of every chain): are the chains sampling
-one stationary posterior?
+"""Chain diagnostics from the traces every result keeps (the mean probe loss at every draw
+of every chain, :meth:`~susc_callback.estimator.results.SusceptibilityResult.
+diagnostic_traces`: one fixed set for all chains, whatever ``L`` is measured on): are the
+chains sampling one stationary posterior?
 
 * ``rhat``: the rank-free split R-hat of Gelman et al. (each chain cut in halves; the
   between- over the within-half variance). Near 1 when all chains sample the same
@@ -96,9 +97,9 @@ def drift(traces: np.ndarray) -> float:
 
 
 def trace_diagnostics(result) -> dict[str, TraceDiagnostics]:
-    """``{component: diagnostics}`` of a result's ``phi`` traces (failed components left
-    out), and ``"full"`` for the full chain."""
-    traces, full = result.phi_trace_arrays()
+    """``{component: diagnostics}`` of a result's traces (failed components left out),
+    and ``"full"`` for the full chain."""
+    traces, full = result.diagnostic_traces()
     found = {name: diagnose(trace) for name, trace in zip(result.component_names, traces)
              if name not in result.failed}
     found["full"] = diagnose(full)

@@ -35,16 +35,19 @@ def _leading(pca: SusceptibilityPCA, k: int) -> str:
 
 
 def _rllc_sentence(result: SusceptibilityResult) -> str:
-    """rLLC range with a between-chain standard error (the chains' spread of E_C[phi]);
-    with one chain no error can be given."""
+    """rLLC range with its standard errors (older results without them: the chains'
+    spread of E_C[phi]; with one chain no error can be given)."""
     finite = np.flatnonzero(np.isfinite(result.rllc))
     if not len(finite):
         return "No component has a finite rLLC at this step."
     low, high = finite[np.argmin(result.rllc[finite])], finite[np.argmax(result.rllc[finite])]
     chains = result.loss_traces.shape[1]
-    n_beta = result.config.get("n_beta", np.nan)
-    phi = result.phi_trace_arrays()[0]
-    if chains > 1:
+    if result.rllc_se is not None:
+        error = result.rllc_se
+        uncertainty = f" (± standard error {error[low]:.2g} and {error[high]:.2g})"
+    elif chains > 1:
+        phi = result.loss_traces - result.anchor_loss[:, None, None]
+        n_beta = result.config.get("n_beta", np.nan)
         error = n_beta * np.nanstd(np.nanmean(phi, axis=2), axis=1, ddof=1) / np.sqrt(chains)
         uncertainty = (f" (± between-chain standard error, {chains} chains: "
                        f"{error[low]:.2g} and {error[high]:.2g})")

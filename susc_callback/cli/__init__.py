@@ -4,6 +4,7 @@
     susc report RESULT_OR_RUN_DIR [--out DIR]
     susc compare RESULT_A RESULT_B
     susc influence RUN_DIR --train train.jsonl --queries queries.jsonl [options]
+    susc calibrate CHECKPOINT --sampling-data train.jsonl --out DIR [options]
 
 ``analyze`` writes ``RUN_DIR/susceptibility/step-{N}`` (the callback's layout, so a run
 analysed partly live and partly afterwards is one series), skips finished checkpoints
@@ -22,6 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from susc_callback.analysis.compare import compare_results
 from susc_callback.analysis.pca import STANDARDIZATIONS
+from susc_callback.cli.calibrate import add_calibrate_command
 from susc_callback.cli.common import (
     CommandError,
     announce_saved,
@@ -264,6 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     pair.add_argument("--figure", help="write the cluster stability figure (PNG) here")
     pair.set_defaults(handler=compare)
     add_influence_command(commands)
+    add_calibrate_command(commands)
     return parser
 
 

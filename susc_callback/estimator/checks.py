@@ -131,3 +131,13 @@ def check_fits_model(model: nn.Module, batch: dict, what: str) -> None:
                          f"context of {context}; truncate them to {context} tokens "
                          f"(max_length={context} in ProbeSet.from_texts / from_jsonl, "
                          f"--max-length {context} in susc analyze)")
+
+
+def check_finite_at_optimum(values: torch.Tensor, what: str) -> None:
+    """Non-finite losses at ``w*`` itself: no step size can help, so fail before sampling."""
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"The {what} at the checkpoint w* are not finite ({bad} of "
+                         f"{values.numel()} are NaN or inf) before any SGLD step: the "
+                         "checkpoint's weights or the loss on these inputs are broken (or the "
+                         "set has no valid token); sampling cannot define anything from it")

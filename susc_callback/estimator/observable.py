@@ -15,6 +15,7 @@ import torch
 
 from susc_callback.config import SGLDConfig
 from susc_callback.data.sampling import SamplingData
+from susc_callback.estimator.checks import check_finite_at_optimum
 from susc_callback.estimator.sums import block_of
 from susc_callback.sampler.group import Captured, GroupLosses
 from susc_callback.sampler.sgld import chain_seed, make_generator
@@ -57,3 +58,5 @@ class ChainObservable:
                 self.data, cfg, self.device, ("observable", self.chain_index, self._block),
                 cfg.observable_sequences))
             self.anchor = self.losses.mean(self.chunks)[0]
+            check_finite_at_optimum(self.anchor, f"observable loss (chain {self.chain_index}, "
+                                                 f"block {self._block})")

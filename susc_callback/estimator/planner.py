@@ -21,7 +21,7 @@ from susc_callback.components.component import ResolvedComponent, canonical_para
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
 from susc_callback.data.sampling import LossFn, SamplingData, token_losses
-from susc_callback.estimator.checks import check_fits_model
+from susc_callback.estimator.checks import check_finite_at_optimum, check_fits_model
 from susc_callback.estimator.observable import seeded_chunks
 from susc_callback.estimator.plan import FULL, EstimatePlan, GroupPlan, OptimumDraw
 from susc_callback.estimator.stacking_policy import StackLimit, decide_stacking
@@ -92,7 +92,7 @@ def _probe_layout(model: nn.Module, loss_fn: LossFn | None, probe_chunks: list[d
     with torch.no_grad():
         for chunk in probe_chunks:
             losses, valid = token_losses(loss_fn, model, chunk)
-            _check_finite_at_optimum(losses[valid], "probe token losses")
+            check_finite_at_optimum(losses[valid], "probe token losses")
             valid_masks.append(valid)
             rows, cols = valid.nonzero(as_tuple=True)
             sequences.append(rows.cpu() + start)
@@ -113,16 +113,6 @@ def _warn_empty_datasets(probe: ProbeSet, token_sequence: np.ndarray) -> None:
                       stacklevel=4)
 
 
-def _check_finite_at_optimum(values: torch.Tensor, what: str) -> None:
-    """Non-finite losses at ``w*`` itself: no step size can help, so fail before sampling."""
-    if not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).sum())
-        raise ValueError(f"The {what} at the checkpoint w* are not finite ({bad} of "
-                         f"{values.numel()} are NaN or inf) before any SGLD step: the "
-                         "checkpoint's weights or the loss on these inputs are broken (or the "
-                         "set has no valid token); sampling cannot define anything from it")
-
-
 def _evaluate_optimum(group_losses: Callable[[int, list[dict]], GroupLosses],
                       observable_chunks: list[dict], anchor_chunks: list[dict],
                       config: SGLDConfig) -> tuple[torch.Tensor | None, OptimumDraw | None]:
@@ -140,7 +130,7 @@ def _evaluate_optimum(group_losses: Callable[[int, list[dict]], GroupLosses],
             anchor = anchor_losses.mean(anchor_losses.observable)[0]
         for what, value in (("observable loss", observable), ("anchor loss", anchor)):
             if value is not None:
-                _check_finite_at_optimum(value, what)
+                check_finite_at_optimum(value, what)
         draw = OptimumDraw(observable, at_optimum.probe_losses()[0]) \
             if first_draw_at_optimum else None
     return anchor, draw

@@ -56,8 +56,10 @@ def check_result_fields(path: str | Path, meta: dict[str, Any], arrays: dict[str
                 "dataset_chi": (components, datasets),
                 "rllc": (components,), "mean_phi": (components,),
                 "anchor_loss": (components,), "loss_traces": (components, *traces),
-                "full_loss_trace": traces, "phi_traces": (components, *traces),
-                "full_phi_trace": traces, "token_sequence": (tokens,),
+                "full_loss_trace": traces, "probe_traces": (components, *traces),
+                "full_probe_trace": traces, "chi_halves": (2, components, tokens),
+                "localisation": (components,), "full_localisation": (1,),
+                "token_sequence": (tokens,),
                 "token_position": (tokens,), "probe_input_ids": (sequences, positions),
                 "probe_attention_mask": (sequences, positions)}
     if len(traces) != 2:

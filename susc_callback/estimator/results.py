@@ -15,6 +15,7 @@ from susc_callback.estimator.result_checks import check_result_fields
 from susc_callback.estimator.sums import (
     DrawSums,
     covariance_susceptibilities,
+    half_susceptibilities,
     jackknife_se,
     mean_phi_replicates,
     susceptibilities,
@@ -26,7 +27,8 @@ _ARRAYS = ("chi", "dataset_chi", "rllc", "mean_phi", "anchor_loss", "loss_traces
            "full_loss_trace", "token_sequence", "token_position", "probe_input_ids",
            "probe_attention_mask")
 _OPTIONAL_ARRAYS = ("chi_covariance", "chi_se", "dataset_chi_se", "rllc_se", "llc_full_se",
-                    "phi_traces", "full_phi_trace")
+                    "probe_traces", "full_probe_trace", "chi_halves",
+                    "localisation", "full_localisation")
 _FORMAT_VERSION = 4
 _READABLE_VERSIONS = (1, 2, 3, 4)  # 1 has no chi_covariance, 1 and 2 no standard errors,
                                    # 1-3 no phi traces
@@ -55,9 +57,18 @@ class SusceptibilityResult:
         anchor_loss: ``(C,)`` ``L(w*)`` used for each component's ``phi``.
         loss_traces: ``(C, chains, draws)`` observable loss ``L`` at every draw.
         full_loss_trace: ``(chains, draws)`` the same for the full chain.
-        phi_traces, full_phi_trace: the same for ``phi = L(w) - L(w*)``, level where the
-            observable set changes (``observable="per-block"``); None in results saved
-            before they were stored (use :meth:`phi_trace_arrays`).
+        probe_traces, full_probe_trace: the same for the mean loss of the probe tokens, one
+            set for every chain and draw whatever the observable (the chain diagnostics'
+            trace); None in results saved before they were stored (see
+            :meth:`diagnostic_traces`).
+        chi_halves: ``(2, C, P)`` ``chi`` from each half of the chains (of the blocks of
+            draws, with one chain), for split-half reliability
+            (:mod:`~susc_callback.analysis.reliability`); None in older results.
+        localisation, full_localisation: ``(C,)`` and a float: the share of each posterior's
+            spread that the localisation sets, ``gamma E|u - u*|^2 / d`` (near 1: the loss
+            hardly confines the component, so its susceptibilities mostly reflect gamma;
+            :meth:`~susc_callback.estimator.sums.DrawSums.localisation_share`); None in
+            older results.
         token_sequence, token_position: ``(P,)`` where each probe token sits in the probe
             (token ``(s, t)`` is the loss of predicting ``probe_input_ids[s, t+1]``).
         token_dataset: ``(P,)`` index into ``dataset_names``.
@@ -96,18 +107,19 @@ class SusceptibilityResult:
     dataset_chi_se: np.ndarray | None = None
     rllc_se: np.ndarray | None = None
     llc_full_se: float | None = None
-    phi_traces: np.ndarray | None = None
-    full_phi_trace: np.ndarray | None = None
+    probe_traces: np.ndarray | None = None
+    full_probe_trace: np.ndarray | None = None
+    chi_halves: np.ndarray | None = None
+    localisation: np.ndarray | None = None
+    full_localisation: float | None = None
 
-    def phi_trace_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """``phi`` at every draw, ``(C, chains, draws)`` and ``(chains, draws)``: the
-        stored traces, or for older results ``L`` minus the mean anchor (exact for a fixed
-        observable set)."""
-        if self.phi_traces is not None and self.full_phi_trace is not None:
-            return self.phi_traces, self.full_phi_trace
-        full_anchor = np.nanmean(self.anchor_loss) if len(self.anchor_loss) else 0.0
-        return (self.loss_traces - self.anchor_loss[:, None, None],
-                self.full_loss_trace - full_anchor)
+    def diagnostic_traces(self) -> tuple[np.ndarray, np.ndarray]:
+        """The traces the chain diagnostics read, ``(C, chains, draws)`` and ``(chains,
+        draws)``: the mean probe loss at every draw, or, in results saved before it was
+        kept, the observable loss ``L`` (then always on one fixed set)."""
+        if self.probe_traces is not None and self.full_probe_trace is not None:
+            return self.probe_traces, self.full_probe_trace
+        return self.loss_traces, self.full_loss_trace
 
     @property
     def token_dataset(self) -> np.ndarray:
@@ -135,6 +147,7 @@ class SusceptibilityResult:
         rows = [self.component_names.index(n) for n in names]
         return replace(self, component_names=list(names),
                        failed={n: r for n, r in self.failed.items() if n in names},
+                       chi_halves=None if self.chi_halves is None else self.chi_halves[:, rows],
                        **{key: _rows(getattr(self, key), rows) for key in _PER_COMPONENT})
 
     @classmethod
@@ -151,13 +164,17 @@ class SusceptibilityResult:
         token_dataset = per_sequence[token_sequence]
         chi = np.full((len(names), len(token_sequence)), np.nan)
         chi_covariance, chi_se = chi.copy(), chi.copy()
+        chi_halves = np.full((2, *chi.shape), np.nan)
         mean_phi, rllc_se = np.full(len(names), np.nan), np.full(len(names), np.nan)
+        localisation = np.full(len(names), np.nan)
         dataset_chi_se = np.full((len(names), len(datasets)), np.nan)
         for row, name in enumerate(names):
             if name not in failed:
                 chi[row] = susceptibilities(sums[name], full)
                 chi_covariance[row] = covariance_susceptibilities(sums[name])
+                chi_halves[:, row] = half_susceptibilities(sums[name], full)
                 mean_phi[row] = sums[name].mean_phi()
+                localisation[row] = sums[name].localisation_share(config.gamma)
                 replicates, phi_replicates = susceptibility_replicates(sums[name], full)
                 chi_se[row] = jackknife_se(replicates)
                 dataset_chi_se[row] = jackknife_se(mean_per_dataset(
@@ -177,8 +194,9 @@ class SusceptibilityResult:
                                   for n in names]),
             loss_traces=np.stack([sums[n].loss_trace.cpu().numpy() for n in names]),
             full_loss_trace=full.loss_trace.cpu().numpy(),
-            phi_traces=np.stack([sums[n].phi_trace.cpu().numpy() for n in names]),
-            full_phi_trace=full.phi_trace.cpu().numpy(),
+            probe_traces=np.stack([sums[n].probe_trace.cpu().numpy() for n in names]),
+            full_probe_trace=full.probe_trace.cpu().numpy(), chi_halves=chi_halves,
+            localisation=localisation, full_localisation=full.localisation_share(config.gamma),
             token_sequence=token_sequence.astype(np.int64),
             token_position=token_position.astype(np.int64),
             probe_input_ids=ids, probe_attention_mask=mask,
@@ -194,7 +212,7 @@ class SusceptibilityResult:
                 "dataset_names": self.dataset_names, "sequence_datasets": self.sequence_datasets,
                 "llc_full": self.llc_full, "config": self.config, "step": self.step,
                 "failed": self.failed, "extra": self.extra}
-        arrays = {name: np.atleast_1d(getattr(self, name))  # llc_full_se: a float
+        arrays = {name: np.atleast_1d(getattr(self, name))  # the floats: llc_full_se, ...
                   for name in _ARRAYS + _OPTIONAL_ARRAYS if getattr(self, name) is not None}
         return write_folder(path, arrays, meta)
 
@@ -208,8 +226,9 @@ class SusceptibilityResult:
             raise ResultFileError(path, f"unsupported result format {version!r} (this "
                                         f"version reads formats {_READABLE_VERSIONS})")
         check_result_fields(path, meta, arrays, _ARRAYS, _OPTIONAL_ARRAYS)
-        if "llc_full_se" in arrays:
-            arrays["llc_full_se"] = float(arrays["llc_full_se"][0])
+        for scalar in ("llc_full_se", "full_localisation"):
+            if scalar in arrays:
+                arrays[scalar] = float(arrays[scalar][0])
         return cls(**meta, **arrays)
 
 
@@ -225,7 +244,8 @@ def mean_per_dataset(values: np.ndarray, token_dataset: np.ndarray, count: int) 
 
 
 _PER_COMPONENT = ("chi", "chi_covariance", "dataset_chi", "rllc", "mean_phi", "anchor_loss",
-                  "loss_traces", "chi_se", "dataset_chi_se", "rllc_se", "phi_traces")
+                  "loss_traces", "chi_se", "dataset_chi_se", "rllc_se", "probe_traces",
+                  "localisation")
 
 
 def _rows(values: np.ndarray | None, rows: list[int]) -> np.ndarray | None:
@@ -253,5 +273,8 @@ def merge_results(parts: list[SusceptibilityResult], order: list[str]) -> Suscep
     arrays = {key: None if any(getattr(p, key) is None for p in parts) else
               np.stack([getattr(parts[row_of[n][0]], key)[row_of[n][1]] for n in order])
               for key in _PER_COMPONENT}
+    halves = None if any(p.chi_halves is None for p in parts) else np.stack(
+        [parts[row_of[n][0]].chi_halves[:, row_of[n][1]] for n in order], axis=1)
     failed = {name: reason for part in parts for name, reason in part.failed.items()}
-    return replace(first, component_names=list(order), failed=failed, **arrays)
+    return replace(first, component_names=list(order), failed=failed, chi_halves=halves,
+                   **arrays)

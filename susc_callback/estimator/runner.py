@@ -140,7 +140,8 @@ class ChainRunner:
         ``watch`` (a diverged chain's draws only reach its own component's sums)."""
         cfg = self.config
         if draw is not None:
-            sums.add(chain_index, draw, output.observable, anchor, output.tokens)
+            sums.add(chain_index, draw, output.observable, anchor, output.tokens,
+                     chain.mean_squared_displacement())
         chain.step(output.grads, step_size=cfg.step_size, n_beta=cfg.n_beta, gamma=cfg.gamma)
         watch.record(chain.name, step_index, output.observable if draw is not None else None,
                      output.tokens if draw is not None else None, output.loss, chain.state)
@@ -159,7 +160,7 @@ class ChainRunner:
             self.failed[name] = str(error)
             warnings.warn(str(error), RuntimeWarning, stacklevel=3)
             first_bad_draw = -(-max(bad_step - cfg.num_burnin, 0) // cfg.steps_between_draws)
-            for trace in (sums[name].loss_trace, sums[name].phi_trace):
+            for trace in (sums[name].loss_trace, sums[name].probe_trace):
                 trace[chain_index, first_bad_draw:] = float("nan")
         names = {name for name, _, _ in diverged}
         return [c for c in chains if c.name not in names]

@@ -42,7 +42,7 @@ def block_of(draw: int, num_draws: int) -> int:
     """The block of draws that draw ``draw`` of a chain belongs to."""
     return draw * error_blocks(num_draws) // num_draws
 
-_FIELDS = ("count", "phi", "loss", "phi_loss", "token", "phi_token", "anchor")
+_FIELDS = ("count", "phi", "loss", "phi_loss", "token", "phi_token", "anchor", "displacement")
 
 
 class DrawSums:
@@ -61,16 +61,17 @@ class DrawSums:
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         self.count, self.phi, self.loss, self.phi_loss = (zeros(groups) for _ in range(4))
         self.token, self.phi_token = zeros(groups, num_tokens), zeros(groups, num_tokens)
-        self.anchor = zeros(groups)
+        self.anchor, self.displacement = zeros(groups), zeros(groups)
         self.loss_trace = torch.full((num_chains, num_draws), float("nan"), dtype=torch.float64,
                                      device=device)
-        self.phi_trace = self.loss_trace.clone()
+        self.probe_trace = self.loss_trace.clone()
 
     def add(self, chain: int, draw: int, loss: torch.Tensor, anchor_loss: torch.Tensor,
-            token_losses: torch.Tensor) -> None:
-        """Add one draw: observable loss ``L``, ``L(w*)`` and probe losses ``l`` (P,).
-        Both traces are kept: ``L`` and ``phi``, which stays level where the observable
-        set changes (``observable="per-block"``)."""
+            token_losses: torch.Tensor, displacement: torch.Tensor | float = 0.0) -> None:
+        """Add one draw: observable loss ``L``, ``L(w*)``, probe losses ``l`` (P,) and the
+        chain's mean squared displacement ``|u - u*|^2 / d``.
+        Two traces are kept: ``L``, and the mean probe loss, one fixed set for every chain
+        and draw (the diagnostics' trace: ``L``'s set may change per block)."""
         g = chain * self.blocks + block_of(draw, self.num_draws)
         loss = loss.detach().double()
         phi = loss - anchor_loss.double()
@@ -82,8 +83,9 @@ class DrawSums:
         self.token[g] += token_losses
         self.phi_token[g] += phi * token_losses
         self.loss_trace[chain, draw] = loss
-        self.phi_trace[chain, draw] = phi
+        self.probe_trace[chain, draw] = token_losses.mean()
         self.anchor[g] += anchor_loss.double()
+        self.displacement[g] += displacement
         if self.moments is not None:
             self.moments.add(token_losses)
 
@@ -92,7 +94,7 @@ class DrawSums:
         for name in _FIELDS:
             getattr(self, name).add_(getattr(other, name))
         self.loss_trace[chains] = other.loss_trace[chains]
-        self.phi_trace[chains] = other.phi_trace[chains]
+        self.probe_trace[chains] = other.probe_trace[chains]
         if self.moments is not None:
             self.moments.merge(other.moments)
 
@@ -107,6 +109,14 @@ class DrawSums:
     def mean_phi(self) -> float:
         n = self.total
         return float(self.phi.sum() / n) if n else float("nan")
+
+    def localisation_share(self, gamma: float) -> float:
+        """``gamma E|u - u*|^2 / d``: how much of the posterior's spread the localisation
+        sets. For a Gaussian posterior with precision ``n_beta H + gamma I`` it is the mean
+        over directions of ``gamma / (n_beta h_i + gamma)`` (in the small-step limit): 1
+        when the loss is flat in the component, near 0 when the loss confines it."""
+        n = self.total
+        return float(gamma * self.displacement.sum() / n) if n else float("nan")
 
     def mean_anchor(self) -> float:
         """Mean over draws of L(w*) (it varies per draw with a minibatch observable)."""
@@ -135,6 +145,23 @@ def susceptibility_replicates(component: DrawSums, full: DrawSums
     both = (component.count > 0) & (full.count > 0)
     c, f = _leave_one_out(component, both), _leave_one_out(full, both)
     return _chi(c, f).cpu().numpy(), (c["phi"] / c["count"]).cpu().numpy()
+
+
+def half_susceptibilities(component: DrawSums, full: DrawSums) -> np.ndarray:
+    """``(2, P)``: ``chi[C, :]`` from each half of the draws, for split-half reliability.
+    The halves are the first and the last half of the chains (of the blocks, with one
+    chain), paired between the component and the full chain."""
+    chains = len(component.count) // component.blocks
+    units = chains if chains >= 2 else component.blocks
+    unit = torch.arange(len(component.count), device=component.count.device)
+    unit = unit // component.blocks if chains >= 2 else unit
+    halves = []
+    for first in (True, False):
+        mask = (unit < units // 2) if first else (unit >= units // 2)
+        c, f = ({k: getattr(sums, k)[mask].sum(0) for k in _FIELDS}
+                for sums in (component, full))
+        halves.append(_chi(c, f))
+    return torch.stack(halves).cpu().numpy()
 
 
 def mean_phi_replicates(sums: DrawSums) -> np.ndarray:

@@ -65,7 +65,15 @@ class RestrictedChain:
                         for name, index in component.entries.items()]
         self.anchors = [self._read(p, i).clone() for p, i in zip(self.params, self.indices)]
         self.state = [anchor.clone() for anchor in self.anchors]
+        self.size = sum(anchor.numel() for anchor in self.anchors)
         self.generator = generator
+
+    def mean_squared_displacement(self) -> torch.Tensor:
+        """``|u - u*|^2 / d`` over the chain's ``d`` entries, float64 (a 0-dim tensor on the
+        chain's device: no host synchronisation)."""
+        total = sum(((value.double() - anchor.double()) ** 2).sum()
+                    for value, anchor in zip(self.state, self.anchors))
+        return total / self.size
 
     @staticmethod
     def _read(param: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
