@@ -48,7 +48,13 @@ class SGLDConfig:
         4, "Independent chains per component (and for the full baseline chain).")
     num_draws: int = _estimate(100, "Draws kept per chain.")
     num_burnin: int = _estimate(0, "SGLD steps discarded before the first draw.")
-    steps_between_draws: int = _estimate(1, "SGLD steps from one draw to the next.")
+    steps_between_draws: int | Literal["auto"] = _estimate(
+        1,
+        "SGLD steps from one draw to the next (the probe is evaluated at draws only, so a "
+        "spacing of k costs about k SGLD steps plus one probe evaluation per draw). "
+        "'auto': chosen per estimate from the autocorrelation of a short pilot of the "
+        "full chain, to get the most effectively independent draws per unit of work "
+        "(estimator/spacing.py); the choice is stored in result.extra['draw_spacing'].")
     batch_size: int = _estimate(16, "Sequences per SGLD minibatch.")
     observable: ObservableLoss = _estimate(
         "per-block",
@@ -110,9 +116,11 @@ class SGLDConfig:
         for name in ("step_size", "n_beta"):
             _check_real(name, getattr(self, name), minimum=0.0, strict=True)
         _check_real("gamma", self.gamma, minimum=0.0, strict=False)
-        for name in ("num_chains", "num_draws", "steps_between_draws", "batch_size",
-                     "observable_sequences", "eval_batch_size", "max_batched_chains"):
+        for name in ("num_chains", "num_draws", "batch_size", "observable_sequences",
+                     "eval_batch_size", "max_batched_chains"):
             self._set_int(name, minimum=1)
+        if self.steps_between_draws != "auto":
+            self._set_int("steps_between_draws", minimum=1, also="'auto' or ")
         self._set_int("num_burnin", minimum=0)
         self._set_int("seed", minimum=0)
         for name, choices in CHOICES.items():
@@ -152,15 +160,22 @@ class SGLDConfig:
     @property
     def num_steps(self) -> int:
         """SGLD steps per chain: burn-in plus ``num_draws * steps_between_draws``."""
-        return self.num_burnin + self.num_draws * self.steps_between_draws
+        return self.num_burnin + self.num_draws * self._spacing()
+
+    def _spacing(self) -> int:
+        if self.steps_between_draws == "auto":
+            raise ValueError("steps_between_draws='auto' is resolved per estimate "
+                             "(susc_callback.estimator.spacing.choose_draw_spacing); this "
+                             "config has no spacing yet")
+        return self.steps_between_draws
 
     def draw_at(self, step_index: int) -> int | None:
         """Index of the draw taken at SGLD step ``step_index`` (before its update), or None
         when that step's weights are not kept."""
         offset = step_index - self.num_burnin
-        if offset < 0 or offset % self.steps_between_draws:
+        if offset < 0 or offset % self._spacing():
             return None
-        return offset // self.steps_between_draws
+        return offset // self._spacing()
 
     def estimate_settings(self) -> dict[str, Any]:
         """The fields that define the estimate (the rest only say how it is run): two

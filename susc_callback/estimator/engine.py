@@ -31,6 +31,7 @@ from susc_callback.estimator.planner import plan_estimate
 from susc_callback.estimator.progress import chain_progress
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.estimator.runner import ChainRunner
+from susc_callback.estimator.spacing import DrawSpacing, choose_spacing, cost_ratio, pilot_config
 from susc_callback.estimator.sums import DrawSums
 from susc_callback.estimator.workers import fork_is_safe, run_forked
 from susc_callback.sampler.activations import swap_activations
@@ -77,16 +78,20 @@ def estimate_susceptibilities(
     config = config or SGLDConfig()
     drawn = sample_draws(model, components, sampling_data, probe, config, loss_fn=loss_fn,
                          collate_fn=collate_fn)
-    return SusceptibilityResult.from_sums(
+    result = SusceptibilityResult.from_sums(
         {c.name: drawn.sums[c.name] for c in drawn.components}, drawn.sums[FULL], probe,
         drawn.token_sequence, drawn.token_position, drawn.anchor, config, step, drawn.failed)
+    if drawn.spacing is not None:
+        result.extra["draw_spacing"] = drawn.spacing.to_dict()
+    return result
 
 
 @dataclass
 class Draws:
     """What the chains of an estimate leave: the running sums of every component (and of
-    the full chain, under ``FULL``), the components that failed, and the plan's probe
-    layout and fixed ``L(w*)`` (None when it varied per draw)."""
+    the full chain, under ``FULL``), the components that failed, the plan's probe layout
+    and fixed ``L(w*)`` (None when it varied per draw), and the spacing chosen for
+    ``steps_between_draws="auto"``."""
 
     components: list[Component]
     sums: dict[str, DrawSums]
@@ -94,18 +99,28 @@ class Draws:
     token_sequence: np.ndarray
     token_position: np.ndarray
     anchor: torch.Tensor | None
+    spacing: DrawSpacing | None = None
 
 
 def sample_draws(model: nn.Module, components: Any, sampling_data: Any, probe: ProbeSet,
                  config: SGLDConfig, *, loss_fn: LossFn | None = None,
                  collate_fn: Callable | None = None,
                  moments: Callable[[np.ndarray, np.ndarray, torch.device],
-                                   Callable[[], LossCrossMoments]] | None = None) -> Draws:
+                                   Callable[[], LossCrossMoments]] | None = None,
+                 full_chain_only: bool = False) -> Draws:
     """Check the inputs, run every chain and return the running sums (the engine without
     the result assembly, for estimates other than ``chi``). ``moments(token_sequence,
     token_position, device)`` returns a factory of the cross-moments each component's
     sums keep, given the plan's probe-token layout and the device the chains run on. An
-    empty ``components`` list runs the full chain alone."""
+    empty ``components`` list runs the full chain alone (with ``moments``, or
+    ``full_chain_only``)."""
+    spacing = None
+    if config.steps_between_draws == "auto":
+        pilot = sample_draws(model, [], sampling_data, probe, pilot_config(config),
+                             loss_fn=loss_fn, collate_fn=collate_fn, full_chain_only=True)
+        spacing = choose_spacing(pilot.sums[FULL].probe_trace.cpu().numpy(),
+                                 cost_ratio(config, len(probe)))
+        config = config.replace(steps_between_draws=spacing.steps_between_draws)
     device = torch.device(config.device) if config.device else _model_device(model)
     # Gradients are needed even when the caller is inside no_grad() or inference_mode().
     with preserved_rng_state(device), ieee_float32(), torch.inference_mode(False), \
@@ -113,7 +128,8 @@ def sample_draws(model: nn.Module, components: Any, sampling_data: Any, probe: P
         # (collating may draw random numbers: inside preserved_rng_state)
         resolved, data = check_inputs(model, components, sampling_data, probe, config,
                                       loss_fn=loss_fn, collate_fn=collate_fn,
-                                      allow_no_components=moments is not None)
+                                      allow_no_components=full_chain_only
+                                      or moments is not None)
         snapshot = _float32_snapshot(model, device)
         plan = plan_estimate(snapshot, resolved, data, probe, config, loss_fn, device)
         factory = moments(plan.token_sequence, plan.token_position, device) if moments \
@@ -121,7 +137,7 @@ def sample_draws(model: nn.Module, components: Any, sampling_data: Any, probe: P
         runner = ChainRunner(plan, data, config, device, factory)
         sums, failed = _run_chains(runner, config, device)
         return Draws(list(resolved), sums, failed, plan.token_sequence, plan.token_position,
-                     plan.anchor)
+                     plan.anchor, spacing)
 
 
 def _run_chains(runner: ChainRunner, config: SGLDConfig, device: torch.device
