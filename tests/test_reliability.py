@@ -10,12 +10,16 @@ import pytest
 from conftest import estimate
 from test_analysis import _result
 
-from susc_callback import head_components
+from susc_callback import SusceptibilityPCA, head_components
+from susc_callback.analysis.diagnostics import snapshot_problems
 from susc_callback.analysis.reliability import (
+    loading_errors,
     margin_significance,
     separation_margin,
     split_half_reliability,
 )
+from susc_callback.logging.report import write_report
+from susc_callback.logging.tensorboard import snapshot_scalars
 
 COMPONENTS, TOKENS = 12, 400
 
@@ -102,3 +106,42 @@ def test_the_engine_halves_are_estimates_from_half_the_chains(gpt2, probe, sampl
     assert not np.allclose(two.chi_halves[1], one.chi)
     tokens = len(two.token_sequence)
     assert two.subset(two.component_names[:2]).chi_halves.shape == (2, 2, tokens)
+
+
+def test_loading_errors_match_the_spread_of_whole_estimates():
+    """Over many independent estimates (truth + noise per half), the mean of the squared
+    half-difference errors matches the variance of the whole estimate's loadings (the
+    errors have one degree of freedom each, so only their mean square is checked)."""
+    rng = np.random.default_rng(5)
+    truth = _planted(rng, group_strength=1.0).chi
+    reference = SusceptibilityPCA(2).fit(_result(truth))
+    loadings, squared = [], []
+    for _ in range(300):
+        estimate = _noisy_halves(truth, 0.3, rng)
+        pca = SusceptibilityPCA(2).fit(estimate).align_to(reference)
+        loadings.append(pca.loadings_)
+        squared.append(loading_errors(estimate, pca) ** 2)
+    ratio = np.mean(squared, axis=0) / np.var(loadings, axis=0, ddof=1)
+    assert 0.8 < np.median(ratio) < 1.25  # 300 replicates: each ratio uncertain by ~12 %
+    same = replace(estimate, chi_halves=np.stack([estimate.chi, estimate.chi]))
+    np.testing.assert_allclose(loading_errors(same, pca), 0, atol=1e-12)
+
+
+def test_a_localisation_dominated_component_is_named():
+    result = replace(_planted(np.random.default_rng(6), 1.0),
+                     localisation=np.linspace(0.5, 0.99, COMPONENTS), full_localisation=0.4)
+    problems = snapshot_problems(result)
+    assert len(problems) == 1 and problems[0].startswith("c11: the localisation sets 99%")
+
+
+def test_snapshot_scalars_and_the_report_show_reliability(tmp_path):
+    result = replace(_planted(np.random.default_rng(7), 1.0),
+                     localisation=np.full(COMPONENTS, 0.7), full_localisation=0.6)
+    pca = SusceptibilityPCA(3).fit(result)
+    scalars = snapshot_scalars(result, pca)
+    halves = split_half_reliability(result)
+    assert scalars["reliability/matrix"] == pytest.approx(halves.matrix_r)
+    assert scalars["reliability/split_half/c4"] == pytest.approx(halves.component_r[4])
+    assert scalars["diagnostics/localisation/full"] == 0.6
+    page = write_report([result], tmp_path).read_text()
+    assert "How far to trust step" in page and "half-difference standard error" in page

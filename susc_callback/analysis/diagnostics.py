@@ -13,6 +13,10 @@ chains sampling one stationary posterior?
   in standard errors of the slope (from the ESS of the detrended traces): beyond
   ``DRIFT_LIMIT`` the traces trend, a sign of too large a step size (rising), too short a
   burn-in (falling) or a chain leaving the basin.
+
+:func:`snapshot_problems` adds the localisation share (``result.localisation``): above
+``LOCALISATION_LIMIT`` the localisation, not the loss, sets nearly all of a posterior's
+spread, so its susceptibilities mostly reflect gamma.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 RHAT_LIMIT = 1.1
 DRIFT_LIMIT = 4.0
+LOCALISATION_LIMIT = 0.95
 
 
 @dataclass(frozen=True)
@@ -103,4 +108,20 @@ def trace_diagnostics(result) -> dict[str, TraceDiagnostics]:
     found = {name: diagnose(trace) for name, trace in zip(result.component_names, traces)
              if name not in result.failed}
     found["full"] = diagnose(full)
+    return found
+
+
+def snapshot_problems(result) -> list[str]:
+    """``"component: problem"`` for every problem the traces and the localisation shares
+    of ``result`` show (empty when there is none)."""
+    found = [f"{name}: {problem}" for name, diagnostics in trace_diagnostics(result).items()
+             for problem in diagnostics.problems()]
+    if result.localisation is not None:
+        shares = dict(zip(result.component_names, result.localisation))
+        shares["full"] = result.full_localisation
+        found += [f"{name}: the localisation sets {share:.0%} of the posterior's spread "
+                  f"(> {LOCALISATION_LIMIT:.0%}): the loss hardly confines it, so its "
+                  "susceptibilities mostly reflect gamma (lower gamma or raise n_beta)"
+                  for name, share in shares.items()
+                  if share is not None and np.isfinite(share) and share > LOCALISATION_LIMIT]
     return found

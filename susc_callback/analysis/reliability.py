@@ -83,6 +83,23 @@ def split_half_reliability(result: SusceptibilityResult, n_components: int = 3,
                      loadings)
 
 
+def loading_errors(result: SusceptibilityResult, pca: SusceptibilityPCA) -> np.ndarray | None:
+    """``(k, C)``: a standard error of each of ``pca``'s loadings (on its components),
+    ``|a - b| / 2`` from the loadings ``a``, ``b`` of the two halves' PCAs matched to
+    ``pca`` (the variance of a whole estimate is a quarter of that of the halves'
+    difference): one degree of freedom per entry, a rough bar. None without half
+    estimates or when a half lacks one of ``pca``'s components."""
+    if result.chi_halves is None:
+        return None
+    halves = [replace(result, chi=half).subset(pca.component_names_)
+              for half in result.chi_halves]
+    if not all(half.finite_components.all() for half in halves):
+        return None
+    a, b = (SusceptibilityPCA(len(pca.loadings_), pca.standardization).fit(half).align_to(pca)
+            for half in halves)
+    return np.abs(a.loadings_ - b.loadings_) / 2
+
+
 def _correlation(x: np.ndarray, y: np.ndarray) -> float:
     if np.std(x) == 0 or np.std(y) == 0:
         return float("nan")

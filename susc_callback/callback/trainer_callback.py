@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
-from susc_callback.analysis.diagnostics import trace_diagnostics
+from susc_callback.analysis.diagnostics import snapshot_problems
 from susc_callback.analysis.pca import STANDARDIZATIONS, Standardization
 from susc_callback.callback import distributed, trainer_context
 from susc_callback.callback.bound import BoundCallback
@@ -295,10 +295,8 @@ class SusceptibilityCallback(BoundCallback):
         for name, reason in result.failed.items():
             logger.warning(f"Susceptibility snapshot at step {result.step}: component {name} "
                            f"failed: {reason}")
-        for name, found in trace_diagnostics(result).items():
-            for problem in found.problems():
-                logger.warning(f"Susceptibility snapshot at step {result.step}, {name}: "
-                               f"{problem}")
+        for problem in snapshot_problems(result):
+            logger.warning(f"Susceptibility snapshot at step {result.step}, {problem}")
         self._announce(args, f"Susceptibility snapshot at step {result.step}: done in "
                              f"{seconds:.0f} s, saved to {self._store.step_dir(result.step)}")
 

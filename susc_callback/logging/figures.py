@@ -50,12 +50,13 @@ def heatmap_figure(result: SusceptibilityResult) -> Figure:
 
 
 def loadings_figure(pca: SusceptibilityPCA, step: int | None = None,
-                    aligned: bool = False) -> Figure:
+                    aligned: bool = False, errors: np.ndarray | None = None) -> Figure:
     """One bar chart per PC: every component's loading, with the explained variance.
     ``aligned``: the PCs are in a previous snapshot's order (each labelled with its
-    variance rank at this snapshot), else in order of variance."""
+    variance rank at this snapshot), else in order of variance. ``errors`` ``(k, C)``:
+    error bars (e.g. :func:`~susc_callback.analysis.reliability.loading_errors`)."""
     return _loadings_grid({"": pca}, _title(f"PC loadings ({pca.standardization})", step),
-                          aligned)
+                          aligned, None if errors is None else {"": errors})
 
 
 def layer_loadings_figure(pcas: dict[str, SusceptibilityPCA], step: int | None = None
@@ -66,7 +67,8 @@ def layer_loadings_figure(pcas: dict[str, SusceptibilityPCA], step: int | None =
                           False)
 
 
-def _loadings_grid(pcas: dict[str, SusceptibilityPCA], title: str, aligned: bool) -> Figure:
+def _loadings_grid(pcas: dict[str, SusceptibilityPCA], title: str, aligned: bool,
+                   errors: dict[str, np.ndarray] | None = None) -> Figure:
     count = max(len(p.loadings_) for p in pcas.values())
     widest = max(len(p.component_names_) for p in pcas.values())
     figure = Figure(figsize=(max(5.5, len(pcas) * (0.3 * widest + 1.5)), 1.8 * count + 0.8),
@@ -80,7 +82,9 @@ def _loadings_grid(pcas: dict[str, SusceptibilityPCA], title: str, aligned: bool
                 axes.set_axis_off()
                 continue
             loadings = pca.loadings_[k]
-            axes.bar(range(len(names)), loadings,
+            bars = None if errors is None or layer not in errors else errors[layer][k]
+            axes.bar(range(len(names)), loadings, yerr=bars, capsize=2,
+                     error_kw={"elinewidth": 0.8, "ecolor": "0.3"},
                      color=np.where(loadings < 0, "tab:red", "tab:green"))
             axes.axhline(0.0, color="black", linewidth=0.6)
             share = f"{100 * pca.explained_variance_ratio_[k]:.1f}%"

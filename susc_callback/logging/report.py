@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from susc_callback.analysis.attribution import extreme_tokens, visible
 from susc_callback.analysis.pca import Standardization, layer_pcas
+from susc_callback.analysis.reliability import loading_errors
 from susc_callback.analysis.run_summary import RunSummary, summarize_run
 from susc_callback.analysis.written_summary import written_summary
 from susc_callback.clusters.snapshot import cluster_series
@@ -39,6 +40,7 @@ from susc_callback.logging.figures import (
 from susc_callback.logging.influence_report import influence_section
 from susc_callback.logging.page import PAGE, figure_section
 from susc_callback.logging.token_view import SCRIPT, token_view_section
+from susc_callback.logging.trust_section import trust_section
 
 
 def _probe_texts(result: SusceptibilityResult, tokenizer: object | None
@@ -78,6 +80,7 @@ def write_report(results: list[SusceptibilityResult], out_dir: str | Path, *,
         *(figure_section(name, caption, figure, out_dir)
           for name, (caption, figure) in _figures(summary, training_loss).items()),
         _top_tokens_table(summary.shown, texts, top_tokens),
+        trust_section(summary.shown, summary.shown_pca),
     ]
     if influence:
         sections.append(influence_section(influence, out_dir, tokenizer=tokenizer))
@@ -101,9 +104,13 @@ def _figures(summary: RunSummary, training_loss: tuple[np.ndarray, np.ndarray] |
         "heatmap": ("Mean susceptibility of each component on each probe dataset "
                     "(red: expresses, green: suppresses).", heatmap_figure(shown))}
     if summary.shown_pca is not None:
-        figures["pc_loadings"] = (f"PC loadings of step {shown.step} ({standardization}), "
-                                  "PCs in order of variance.",
-                                  loadings_figure(summary.shown_pca, shown.step))
+        errors = loading_errors(shown, summary.shown_pca)
+        figures["pc_loadings"] = (
+            f"PC loadings of step {shown.step} ({standardization}), PCs in order of "
+            "variance" + ("; bars: ± the half-difference standard error (the two halves of "
+                          "the chains, one degree of freedom each)." if errors is not None
+                          else "."),
+            loadings_figure(summary.shown_pca, shown.step, errors=errors))
     layers = layer_pcas(shown, summary.shown_pca.n_components if summary.shown_pca else 3,
                         standardization)
     if len(layers) > 1:

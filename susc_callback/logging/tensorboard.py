@@ -7,7 +7,11 @@ Tags (``{c}`` a component, ``{d}`` a probe dataset, ``{k}`` a PC number from 1):
 * ``susceptibility_se/{d}/{c}``, ``rllc_se/{c}``, ``llc_se/full``: their standard errors
   (a jackknife over blocks of draws, :mod:`susc_callback.estimator.sums`);
 * ``diagnostics/{rhat,ess,drift}/{c}`` (and ``/full``): the chains' split R-hat, effective
-  sample size and drift of the observable loss (:mod:`susc_callback.analysis.diagnostics`);
+  sample size and drift of the mean probe loss (:mod:`susc_callback.analysis.diagnostics`),
+  and ``diagnostics/localisation/{c}``: the share of the posterior's spread the
+  localisation sets;
+* ``reliability/split_half/{c}``, ``reliability/matrix``, ``reliability/pc{k}_loadings``:
+  how well the two halves of the chains agree (:mod:`susc_callback.analysis.reliability`);
 * ``aligned_pc{k}/explained_variance``, ``aligned_pc{k}/variance_rank`` and
   ``aligned_pc{k}_loading/{c}``: the snapshot's PCs *aligned* in sign and order to the
   previous snapshot's, so that a curve follows one direction; ``aligned_pc2`` is not
@@ -50,6 +54,7 @@ from susc_callback.analysis.attribution import (
 )
 from susc_callback.analysis.diagnostics import trace_diagnostics
 from susc_callback.analysis.pca import SusceptibilityPCA, layer_pcas, standardize
+from susc_callback.analysis.reliability import loading_errors, split_half_reliability
 from susc_callback.analysis.series import SnapshotSeries
 from susc_callback.clusters.snapshot import SnapshotClusters
 from susc_callback.components.architectures import group_by_layer
@@ -88,6 +93,12 @@ def snapshot_scalars(result: SusceptibilityResult, pca: SusceptibilityPCA | None
     for name, found in trace_diagnostics(result).items():
         for key in ("rhat", "ess", "drift"):
             scalars[f"diagnostics/{key}/{name}"] = float(getattr(found, key))
+    if result.localisation is not None:
+        for name, share in zip(result.component_names, result.localisation):
+            if name not in result.failed:
+                scalars[f"diagnostics/localisation/{name}"] = float(share)
+        scalars["diagnostics/localisation/full"] = float(result.full_localisation)
+    scalars |= _reliability_scalars(result, pca)
     scalars["snapshot/failed_components"] = float(len(result.failed))
     if pca is not None:
         ranks = variance_ranks(pca)
@@ -98,6 +109,25 @@ def snapshot_scalars(result: SusceptibilityResult, pca: SusceptibilityPCA | None
                 scalars[f"aligned_pc{k + 1}_loading/{name}"] = float(loading)
         for k, ratio in enumerate(sorted(pca.explained_variance_ratio_, reverse=True)):
             scalars[f"pc_spectrum/pc{k + 1}"] = float(ratio)
+    return scalars
+
+
+def _reliability_scalars(result: SusceptibilityResult, pca: SusceptibilityPCA | None
+                         ) -> dict[str, float]:
+    """Split-half reliability of the snapshot (none without half estimates)."""
+    if result.chi_halves is None:
+        return {}
+    settings = {} if pca is None else {"n_components": pca.n_components,
+                                       "standardization": pca.standardization}
+    try:
+        halves = split_half_reliability(result, **settings)
+    except ValueError:  # fewer than 2 finite components, or constant halves
+        return {}
+    scalars = {f"reliability/split_half/{name}": float(r)
+               for name, r in zip(halves.component_names, halves.component_r)}
+    scalars["reliability/matrix"] = halves.matrix_r
+    scalars |= {f"reliability/pc{k + 1}_loadings": float(r)
+                for k, r in enumerate(halves.loadings_r)}
     return scalars
 
 
@@ -164,7 +194,8 @@ def snapshot_media(result: SusceptibilityResult, pca: SusceptibilityPCA | None,
     if pca is not None:
         steps, curves = series.loading_curves(0)
         figures |= {
-            "figures/pc_loadings": loadings_figure(pca, step, aligned=len(series.pcas) > 1),
+            "figures/pc_loadings": loadings_figure(pca, step, aligned=len(series.pcas) > 1,
+                                                   errors=loading_errors(result, pca)),
             "figures/aligned_pc1_loadings_over_training": curves_figure(
                 steps, curves, "Aligned PC1 loadings over training", "loading"),
             "figures/trajectory_pc1_pc2": trajectory_figure(series)}
