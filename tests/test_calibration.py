@@ -9,11 +9,20 @@ import numpy as np
 import pytest
 import torch
 from test_cli import SGLD, write_jsonl
-from test_closed_form import COMPONENTS, D_IN, D_OUT, GAMMA, N_BETA, N, Problem, loss_fn
-from torch import nn
+from test_closed_form import (
+    COMPONENTS,
+    D_IN,
+    D_OUT,
+    GAMMA,
+    N_BETA,
+    N,
+    Problem,
+    engine_inputs,
+    loss_fn,
+)
 
 import susc_callback.cli as cli
-from susc_callback import Component, ProbeSet, SGLDConfig
+from susc_callback import Component, SGLDConfig
 from susc_callback.calibration import calibrate
 from susc_callback.logging.calibration_figure import save_calibration_figure
 
@@ -22,13 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*diverged:RuntimeWarning")
 
 @pytest.fixture(scope="module")
 def problem():
-    problem = Problem()
-    model = nn.Linear(D_IN, D_OUT, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor(problem.wstar.reshape(D_OUT, D_IN)))
-    tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    data = {"x": tensor(problem.X), "y": tensor(problem.Y)}
-    probe = ProbeSet.from_batch({"x": tensor(problem.PX), "y": tensor(problem.PY)})
+    model, data, probe = engine_inputs(Problem())
     component = Component("a", {"weight": torch.tensor(COMPONENTS["a"].reshape(D_OUT, D_IN))})
     config = SGLDConfig(n_beta=N_BETA, gamma=GAMMA, num_chains=4, num_draws=500, seed=3,
                         batch_size=N, observable_sequences=N, eval_batch_size=N,

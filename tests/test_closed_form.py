@@ -244,19 +244,25 @@ def loss_fn(model, batch):
     return losses
 
 
-def run_engine(problem, names, j=None, h=0.0, device=None):
+def engine_inputs(problem):
+    """The engine's view of the problem: the linear model at w*, the sampling data and
+    the probe (rows 0..3 sampling points, 4 and 5 held out)."""
     model = nn.Linear(D_IN, D_OUT, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor(problem.wstar.reshape(D_OUT, D_IN)))
-    data = {"x": torch.tensor(problem.X, dtype=torch.float32),
-            "y": torch.tensor(problem.Y, dtype=torch.float32)}
+    tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    data = {"x": tensor(problem.X), "y": tensor(problem.Y)}
+    probe = ProbeSet.from_batch({"x": tensor(problem.PX), "y": tensor(problem.PY)},
+                                datasets=["train"] * NUM_SAMPLING_PROBES + ["held_out"] * 2)
+    return model, data, probe
+
+
+def run_engine(problem, names, j=None, h=0.0, device=None):
+    model, data, probe = engine_inputs(problem)
     if j is not None:
         k = torch.full((N,), -h, dtype=torch.float32)
         k[j] += N * h
         data["k"] = k
-    probe = ProbeSet.from_batch({"x": torch.tensor(problem.PX, dtype=torch.float32),
-                                 "y": torch.tensor(problem.PY, dtype=torch.float32)},
-                                datasets=["train"] * NUM_SAMPLING_PROBES + ["held_out"] * 2)
     components = [Component(n, {"weight": torch.tensor(COMPONENTS[n].reshape(D_OUT, D_IN))},
                             allow_overlap=True) for n in names]
     config = SGLDConfig(step_size=EPS, n_beta=N_BETA, gamma=GAMMA, num_chains=CHAINS,

@@ -22,14 +22,13 @@ from test_closed_form import (
     EPS,
     GAMMA,
     N_BETA,
-    NUM_SAMPLING_PROBES,
     N,
     Problem,
+    engine_inputs,
     loss_fn,
 )
-from torch import nn
 
-from susc_callback import Component, ProbeSet, SGLDConfig, estimate_susceptibilities
+from susc_callback import Component, SGLDConfig, estimate_susceptibilities
 
 pytestmark = pytest.mark.slow
 SEEDS, CHAINS, DRAWS, BURNIN = 60, 4, 200, 50
@@ -37,13 +36,7 @@ SEEDS, CHAINS, DRAWS, BURNIN = 60, 4, 200, 50
 
 def _estimates(seeds, observable, observable_sequences, draws):
     problem = Problem()
-    model = nn.Linear(D_IN, D_OUT, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor(problem.wstar.reshape(D_OUT, D_IN)))
-    tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    data = {"x": tensor(problem.X), "y": tensor(problem.Y)}
-    probe = ProbeSet.from_batch({"x": tensor(problem.PX), "y": tensor(problem.PY)},
-                                datasets=["train"] * NUM_SAMPLING_PROBES + ["held_out"] * 2)
+    model, data, probe = engine_inputs(problem)
     component = Component("a", {"weight": torch.tensor(COMPONENTS["a"].reshape(D_OUT, D_IN))})
     results = []
     for seed in range(seeds):

@@ -167,6 +167,11 @@ def custom_scalars_layout(dataset_names: list[str], n_pcs: int, component_names:
         },
         "Learning coefficients": {**per_layer("rLLC", "rllc/"),
                                   "LLC of the full model": chart(r"^llc/full$")},
+        "How far to trust": {**per_layer("split-half r", "reliability/split_half/"),
+                             **per_layer("R-hat", "diagnostics/rhat/"),
+                             **per_layer("localisation share", "diagnostics/localisation/"),
+                             "whole matrix and PC loadings, split-half r": chart(
+                                 r"^reliability/(matrix|pc\d+_loadings)$")},
         "Snapshot cost": {"seconds": chart(r"^snapshot/seconds$"),
                           "share of training time": chart(r"^snapshot/time_share$")},
     }
