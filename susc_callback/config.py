@@ -67,7 +67,14 @@ class SGLDConfig:
         "'minibatch' = the draw's SGLD minibatch, with L(w*) evaluated on that same "
         "minibatch.")
     observable_sequences: int = _estimate(
-        16, "Size of the fixed observable set (used when observable='fixed').")
+        16, "Size of each observable set (observable='per-block' or 'fixed').")
+    unbiased_observable: bool = _estimate(
+        True,
+        "Remove the bias a finite observable set puts in chi: phi and L averaged over the "
+        "same m sequences pair each sequence with itself, a uniform shift of chi of order "
+        "1/m. The term is estimated over pairs of distinct sequences instead, with the "
+        "finite-population correction for the sampling data's size (no change when the "
+        "set is all of it; not for observable='minibatch').")
     anchor: Anchor = _estimate(
         "exact",
         "How L(w*) is measured. 'exact': on the very sequences L(w) is measured on, so "
@@ -125,6 +132,9 @@ class SGLDConfig:
         self._set_int("seed", minimum=0)
         for name, choices in CHOICES.items():
             _check_choice(name, getattr(self, name), choices)
+        if not isinstance(self.unbiased_observable, bool):
+            raise ValueError(f"Invalid unbiased_observable: {self.unbiased_observable!r} "
+                             "(must be True or False)")
         if self.workers != "auto":
             self._set_int("workers", minimum=1, also="'auto' or ")
         if self.observable == "per-block" and self.anchor != "exact":

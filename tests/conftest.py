@@ -9,7 +9,6 @@ import torch
 from reference import (
     causal_lm_loss,
     causal_token_losses,
-    mean_valid_loss,
     probe_token_losses,
     reference_chain,
 )
@@ -100,11 +99,21 @@ def estimate(model, probe, sampling_ids, config, components=None, **kwargs):
     return estimate_susceptibilities(model, components, sampling_ids, probe, config, **kwargs)
 
 
+def sequence_losses(model, batch):
+    """Each sequence's mean valid-token loss and its share of the valid tokens (float64)."""
+    losses, valid = causal_token_losses(model, batch["input_ids"])
+    totals = torch.where(valid, losses, 0.0).double().sum(1)
+    counts = valid.double().sum(1)
+    return (totals / counts).cpu(), (counts / counts.sum()).cpu()
+
+
 def reference_draws(model, masks, data, probe, cfg, name, device="cpu"):
-    """(phi, L, l_x) at every draw of every chain of component ``name``, computed the
-    plain way (:func:`reference.reference_chain`) with the engine's seeds, on ``device``.
-    ``L`` is measured on the fixed observable set, or with ``observable="per-block"`` on
-    the set of the draw's block of its chain; ``phi = L - L(w*)`` on the same set."""
+    """(phi, L, l_x, diagonal) at every draw of every chain of component ``name``,
+    computed the plain way (:func:`reference.reference_chain`) with the engine's seeds, on
+    ``device``. ``L`` is measured on the fixed observable set, or with
+    ``observable="per-block"`` on the set of the draw's block of its chain; ``phi = L -
+    L(w*)`` on the same set; ``diagonal = sum_s w_s (l_s - l_s(w*)) l_s`` over its
+    sequences ``s`` (``w_s``: a sequence's share of the set's valid tokens)."""
     device = torch.device(device)
     start = copy.deepcopy(model).to(device)
 
@@ -125,9 +134,12 @@ def reference_draws(model, masks, data, probe, cfg, name, device="cpu"):
             block = len(draws) % cfg.num_draws * blocks // cfg.num_draws
             observable = observable_set(chain, block)
         with torch.no_grad():
-            anchor = mean_valid_loss(start.float(), observable).cpu()
-        loss = mean_valid_loss(work, observable).cpu()
-        draws.append((loss - anchor, loss, probe_token_losses(work, probe_batch).cpu()))
+            anchors, weights = sequence_losses(start.float(), observable)
+        losses, _ = sequence_losses(work, observable)
+        anchor, loss = (weights * anchors).sum(), (weights * losses).sum()
+        diagonal = (weights * (losses - anchors) * losses).sum()
+        draws.append((loss - anchor, loss, probe_token_losses(work, probe_batch).cpu(),
+                      diagonal))
 
     for chain in range(cfg.num_chains):
         batches = EpochSampler(len(data), cfg.batch_size, make_generator(

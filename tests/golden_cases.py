@@ -54,7 +54,8 @@ def _squared_error(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 BASE = dict(num_chains=2, num_draws=6, batch_size=4, observable_sequences=4,
             eval_batch_size=32, step_size=1e-3, n_beta=10.0, gamma=100.0, seed=3,
-            progress=False, workers=1, observable="fixed")  # the default when saved
+            progress=False, workers=1, observable="fixed",  # the defaults when saved
+            unbiased_observable=False)
 
 CASES = {
     "gpt2_stacked": dict(components="heads,mlp", config=dict(batch_chains="on")),

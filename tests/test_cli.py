@@ -112,6 +112,19 @@ def test_run_only_settings_may_change_between_runs(run, capsys):
     with pytest.raises(SystemExit):
         analyze(run, "--anchor", "middle")
     assert "invalid choice: 'middle'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        analyze(run, "--unbiased-observable", "maybe")
+    assert "must be true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_boolean_and_auto_flags(run):
+    """A bool field takes true/false; steps_between_draws takes an integer or auto."""
+    assert analyze(run, "--checkpoints", "checkpoint-10", "--unbiased-observable", "false",
+                   "--steps-between-draws", "auto") == 0
+    saved = SusceptibilityResult.load(run / "susceptibility" / "step-10")
+    assert saved.config["unbiased_observable"] is False
+    assert saved.config["steps_between_draws"] == "auto"
+    assert saved.extra["draw_spacing"]["steps_between_draws"] >= 1
 
 
 class Spans(HTMLParser):

@@ -36,27 +36,37 @@ from susc_callback.sampler.prefix import PrefixReplay
 def test_engine_matches_brute_force_reference(gpt2, probe, sampling_ids, config, device,
                                               observable):
     """Prefix replay, lockstep groups and pruned backward give the plain loop's numbers;
-    so does measuring each block's L on its own observable set."""
+    so does measuring each block's L on its own observable set. The finite-set correction
+    of E[phi L]: over pairs of distinct sequences, for m of N sampling sequences,
+    E[phi L] + kappa (E[phi L] - E[diagonal]) with kappa = (N - m) / (N (m - 1))."""
     config = config.replace(device=device, observable=observable)
     heads = head_components(gpt2)
     chosen = [heads[0], heads[3]]  # one head in each layer: prefix depth 0 and 1
     result = estimate(gpt2, probe, sampling_ids, config, components=chosen)
     full_masks = {name: None for name, _ in gpt2.named_parameters()}
     full = reference_draws(gpt2, full_masks, sampling_ids, probe, config, "full", device)
-    e_full = torch.stack([lx - L for _, L, lx in full]).mean(0)
+    e_full = torch.stack([lx - L for _, L, lx, _ in full]).mean(0)
+    m, n = config.observable_sequences, len(sampling_ids)
+    kappa = (n - m) / (n * (m - 1))
     for row, component in enumerate(chosen):
         draws = reference_draws(gpt2, component.masks, sampling_ids, probe, config,
                                 component.name, device)
-        phi = torch.stack([phi for phi, _, _ in draws])
-        delta = torch.stack([lx - L for _, L, lx in draws])
-        chi = -((phi[:, None] * delta).mean(0) - phi.mean() * e_full)
+        phi = torch.stack([phi for phi, _, _, _ in draws])
+        loss = torch.stack([L for _, L, _, _ in draws])
+        diagonal = torch.stack([d for _, _, _, d in draws])
+        delta = torch.stack([lx - L for _, L, lx, _ in draws])
+        correction = kappa * ((phi * loss).mean() - diagonal.mean())
+        chi = -((phi[:, None] * delta).mean(0) - phi.mean() * e_full) + correction
         # Losses (~4 nats) are float32: one ulp is 4.8e-7, and the two implementations sum
         # tokens in different orders, so phi and chi agree to a few ulps, not bitwise.
         np.testing.assert_allclose(result.chi[row], chi.numpy(), rtol=1e-4, atol=2e-6)
+        assert not np.allclose(result.chi[row], (chi - correction).numpy(), rtol=1e-4,
+                               atol=2e-6)  # the test sees the correction
         np.testing.assert_allclose(result.mean_phi[row], phi.mean().item(), rtol=1e-4, atol=2e-6)
         # The covariance part, -Cov_C(phi, l_x - L) with the 1/n (population) normalisation,
         # and the baseline correction that makes up the rest of chi.
-        covariance = -((phi[:, None] * delta).mean(0) - phi.mean() * delta.mean(0))
+        covariance = -((phi[:, None] * delta).mean(0) - phi.mean() * delta.mean(0)) \
+            + correction
         np.testing.assert_allclose(result.chi_covariance[row], covariance.numpy(), rtol=1e-4,
                                    atol=2e-6)
         baseline = -phi.mean() * (delta.mean(0) - e_full)

@@ -38,6 +38,9 @@ from susc_callback.sampler.divergence import ChainDivergedError
     ({"num_chains": 1, "num_draws": 1, "num_burnin": 5}, "at least 2 draws"),
     ({"observable": "batch"}, "observable: 'batch'"),
     ({"anchor": "devinterp"}, "anchor: 'devinterp'"),
+    ({"unbiased_observable": "yes"}, "unbiased_observable: 'yes'"),
+    ({"steps_between_draws": 0}, "steps_between_draws: 0"),
+    ({"anchor": "separate-batches"}, "observable='fixed' for one observable set"),
 ])
 def test_config_rejects_bad_values(change, message):
     with pytest.raises(ValueError, match=message):

@@ -22,7 +22,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from susc_callback.analysis.pca import Standardization, SusceptibilityPCA, standardize
+from susc_callback.analysis.pca import (
+    ConstantMatrixError,
+    Standardization,
+    SusceptibilityPCA,
+    standardize,
+)
 from susc_callback.estimator.results import SusceptibilityResult
 
 
@@ -88,15 +93,18 @@ def loading_errors(result: SusceptibilityResult, pca: SusceptibilityPCA) -> np.n
     ``|a - b| / 2`` from the loadings ``a``, ``b`` of the two halves' PCAs matched to
     ``pca`` (the variance of a whole estimate is a quarter of that of the halves'
     difference): one degree of freedom per entry, a rough bar. None without half
-    estimates or when a half lacks one of ``pca``'s components."""
+    estimates, or when a half lacks one of ``pca``'s components or has no PCs."""
     if result.chi_halves is None:
         return None
     halves = [replace(result, chi=half).subset(pca.component_names_)
               for half in result.chi_halves]
     if not all(half.finite_components.all() for half in halves):
         return None
-    a, b = (SusceptibilityPCA(len(pca.loadings_), pca.standardization).fit(half).align_to(pca)
-            for half in halves)
+    try:
+        a, b = (SusceptibilityPCA(len(pca.loadings_), pca.standardization).fit(half)
+                .align_to(pca) for half in halves)
+    except ConstantMatrixError:  # e.g. a half of one chain's draws that holds only w*
+        return None
     return np.abs(a.loadings_ - b.loadings_) / 2
 
 

@@ -69,12 +69,22 @@ def config_flags() -> dict[str, dict]:
         kind = kinds[0] if kinds else hints[name]
         if name in CHOICES:
             options["choices"] = CHOICES[name]
+        elif kind is bool:
+            options["type"] = boolean
         elif len(kinds) > 1:  # int | Literal["auto"]
             options["type"] = int_or(*get_args(kinds[1]))
         else:
             options["type"] = kind
         flags[name] = options
     return flags
+
+
+def boolean(text: str) -> bool:
+    """An argparse type: true/false (also yes/no, 1/0)."""
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+    return words[text.lower()]
 
 
 def int_or(*words: str) -> Callable[[str], int | str]:

@@ -17,7 +17,7 @@ import torch
 from susc_callback.config import SGLDConfig
 from susc_callback.data.sampling import EpochSampler, SamplingData
 from susc_callback.estimator.moments import LossCrossMoments
-from susc_callback.estimator.observable import ChainObservable
+from susc_callback.estimator.observable import ChainObservable, finite_set_kappa
 from susc_callback.estimator.plan import FULL, EstimatePlan, OptimumDraw
 from susc_callback.estimator.stacking_policy import StackLimit, refuse_stacking
 from susc_callback.estimator.sums import DrawSums
@@ -58,8 +58,9 @@ class ChainRunner:
             ) -> dict[str, DrawSums]:
         """Chains ``chain_indices`` of every group; their draws in fresh sums."""
         cfg = self.config
+        kappa = finite_set_kappa(cfg, len(self.data))
         sums = {c.name: DrawSums(self.plan.num_tokens, cfg.num_chains, cfg.num_draws,
-                                 self.device, self.moments() if self.moments else None)
+                                 self.device, self.moments() if self.moments else None, kappa)
                 for c in self.plan.components}
         for chain_index in chain_indices:
             for group_index in range(len(self.plan.groups)):
@@ -99,7 +100,7 @@ class ChainRunner:
             if shared_draw is not None:
                 _share_draw(evaluated, shared_draw, observable)
             for chain, output in evaluated:
-                self._advance(chain, output, chain_index, step_index, draw, observable.anchor,
+                self._advance(chain, output, chain_index, step_index, draw, observable,
                               sums[chain.name], watch)
             if (step_index + 1) % DIVERGENCE_READ_EVERY == 0 or step_index + 1 == cfg.num_steps:
                 chains = self._drop_diverged(chains, watch.diverged(step_index + 1),
@@ -134,14 +135,15 @@ class ChainRunner:
                                                                  observable)))
 
     def _advance(self, chain: RestrictedChain, output: ChainStep, chain_index: int,
-                 step_index: int, draw: int | None, anchor: torch.Tensor, sums: DrawSums,
-                 watch: DivergenceWatch) -> None:
+                 step_index: int, draw: int | None, observable: ChainObservable,
+                 sums: DrawSums, watch: DivergenceWatch) -> None:
         """Record a draw and apply the SGLD update; non-finite values are flagged in
         ``watch`` (a diverged chain's draws only reach its own component's sums)."""
         cfg = self.config
         if draw is not None:
-            sums.add(chain_index, draw, output.observable, anchor, output.tokens,
-                     chain.mean_squared_displacement())
+            sums.add(chain_index, draw, output.observable, observable.anchor, output.tokens,
+                     chain.mean_squared_displacement(),
+                     observable.diagonal(output.sequence_losses))
         chain.step(output.grads, step_size=cfg.step_size, n_beta=cfg.n_beta, gamma=cfg.gamma)
         watch.record(chain.name, step_index, output.observable if draw is not None else None,
                      output.tokens if draw is not None else None, output.loss, chain.state)
@@ -177,3 +179,4 @@ def _share_draw(evaluated: Evaluated, draw: OptimumDraw, observable: ChainObserv
     for _, output in evaluated:
         output.observable = output.loss if value is None else value
         output.tokens = draw.tokens
+        output.sequence_losses = observable.sequence_optimum

@@ -42,7 +42,8 @@ def block_of(draw: int, num_draws: int) -> int:
     """The block of draws that draw ``draw`` of a chain belongs to."""
     return draw * error_blocks(num_draws) // num_draws
 
-_FIELDS = ("count", "phi", "loss", "phi_loss", "token", "phi_token", "anchor", "displacement")
+_FIELDS = ("count", "phi", "loss", "phi_loss", "phi_loss_diagonal", "token", "phi_token",
+           "anchor", "displacement")
 
 
 class DrawSums:
@@ -54,12 +55,14 @@ class DrawSums:
     """
 
     def __init__(self, num_tokens: int, num_chains: int, num_draws: int,
-                 device: torch.device, moments: LossCrossMoments | None = None) -> None:
-        self.moments, self.num_draws = moments, num_draws
+                 device: torch.device, moments: LossCrossMoments | None = None,
+                 kappa: float = 0.0) -> None:
+        self.moments, self.num_draws, self.kappa = moments, num_draws, kappa
         self.blocks = error_blocks(num_draws)
         groups = num_chains * self.blocks
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         self.count, self.phi, self.loss, self.phi_loss = (zeros(groups) for _ in range(4))
+        self.phi_loss_diagonal = zeros(groups)
         self.token, self.phi_token = zeros(groups, num_tokens), zeros(groups, num_tokens)
         self.anchor, self.displacement = zeros(groups), zeros(groups)
         self.loss_trace = torch.full((num_chains, num_draws), float("nan"), dtype=torch.float64,
@@ -67,9 +70,12 @@ class DrawSums:
         self.probe_trace = self.loss_trace.clone()
 
     def add(self, chain: int, draw: int, loss: torch.Tensor, anchor_loss: torch.Tensor,
-            token_losses: torch.Tensor, displacement: torch.Tensor | float = 0.0) -> None:
-        """Add one draw: observable loss ``L``, ``L(w*)``, probe losses ``l`` (P,) and the
-        chain's mean squared displacement ``|u - u*|^2 / d``.
+            token_losses: torch.Tensor, displacement: torch.Tensor | float = 0.0,
+            diagonal: torch.Tensor | None = None) -> None:
+        """Add one draw: observable loss ``L``, ``L(w*)``, probe losses ``l`` (P,), the
+        chain's mean squared displacement ``|u - u*|^2 / d`` and the diagonal
+        ``sum_s w_s phi_s l_s`` of ``phi L`` over the observable sequences (None: no
+        correction, :mod:`~susc_callback.estimator.observable`).
         Two traces are kept: ``L``, and the mean probe loss, one fixed set for every chain
         and draw (the diagnostics' trace: ``L``'s set may change per block)."""
         g = chain * self.blocks + block_of(draw, self.num_draws)
@@ -80,6 +86,7 @@ class DrawSums:
         self.phi[g] += phi
         self.loss[g] += loss
         self.phi_loss[g] += phi * loss
+        self.phi_loss_diagonal[g] += phi * loss if diagonal is None else diagonal.double()
         self.token[g] += token_losses
         self.phi_token[g] += phi * token_losses
         self.loss_trace[chain, draw] = loss
@@ -124,17 +131,24 @@ class DrawSums:
         return float(self.anchor.sum() / n) if n else float("nan")
 
 
-def _chi(c: dict[str, torch.Tensor], f: dict[str, torch.Tensor]) -> torch.Tensor:
-    """chi from pooled sums (a block axis in front broadcasts)."""
+def _chi(c: dict[str, torch.Tensor], f: dict[str, torch.Tensor], kappa: float
+         ) -> torch.Tensor:
+    """chi from pooled sums (a block axis in front broadcasts), with the finite-set
+    correction ``kappa``."""
     n, n_full = c["count"][..., None], f["count"][..., None]
     cov_term = (c["phi_token"] - c["phi_loss"][..., None]) / n
     baseline = (c["phi"][..., None] / n) * (f["token"] - f["loss"][..., None]) / n_full
-    return -(cov_term - baseline)
+    return -(cov_term - baseline) + _finite_set_correction(c, kappa)
+
+
+def _finite_set_correction(c: dict[str, torch.Tensor], kappa: float) -> torch.Tensor:
+    """``kappa (E[phi L] - E[sum_s w_s phi_s l_s])``, the same for every probe token."""
+    return kappa * ((c["phi_loss"] - c["phi_loss_diagonal"]) / c["count"])[..., None]
 
 
 def susceptibilities(component: DrawSums, full: DrawSums) -> np.ndarray:
     """Per-token susceptibility row ``chi[C, :]`` (P,) from the two chains' sums."""
-    return _chi(component.pooled(), full.pooled()).cpu().numpy()
+    return _chi(component.pooled(), full.pooled(), component.kappa).cpu().numpy()
 
 
 def susceptibility_replicates(component: DrawSums, full: DrawSums
@@ -144,7 +158,7 @@ def susceptibility_replicates(component: DrawSums, full: DrawSums
     by chain and block; blocks without draws in either are skipped)."""
     both = (component.count > 0) & (full.count > 0)
     c, f = _leave_one_out(component, both), _leave_one_out(full, both)
-    return _chi(c, f).cpu().numpy(), (c["phi"] / c["count"]).cpu().numpy()
+    return _chi(c, f, component.kappa).cpu().numpy(), (c["phi"] / c["count"]).cpu().numpy()
 
 
 def half_susceptibilities(component: DrawSums, full: DrawSums) -> np.ndarray:
@@ -160,7 +174,7 @@ def half_susceptibilities(component: DrawSums, full: DrawSums) -> np.ndarray:
         mask = (unit < units // 2) if first else (unit >= units // 2)
         c, f = ({k: getattr(sums, k)[mask].sum(0) for k in _FIELDS}
                 for sums in (component, full))
-        halves.append(_chi(c, f))
+        halves.append(_chi(c, f, component.kappa))
     return torch.stack(halves).cpu().numpy()
 
 
@@ -193,4 +207,4 @@ def covariance_susceptibilities(component: DrawSums) -> np.ndarray:
     n = c["count"]
     mean_phi = c["phi"] / n
     covariance = (c["phi_token"] - c["phi_loss"]) / n - mean_phi * (c["token"] - c["loss"]) / n
-    return (-covariance).cpu().numpy()
+    return (-covariance + _finite_set_correction(c, component.kappa)[0]).cpu().numpy()

@@ -35,6 +35,7 @@ class ChainStep:
     grads: list[torch.Tensor]
     observable: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    sequence_losses: torch.Tensor | None = None  # (S,): each observable sequence's mean
 
 
 Captured = list[tuple[dict, torch.Tensor | None]]
@@ -136,12 +137,21 @@ class GroupLosses:
 
     def mean(self, chunks: Captured, stack: StackedModules | None = None) -> torch.Tensor:
         """Token-weighted mean loss over ``chunks``, ``(G,)`` float64."""
-        total, count = 0.0, 0
+        totals, counts = self.sequence_totals(chunks, stack)
+        return totals.sum(-1) / counts.sum(-1)  # NaN without a valid token, never a silent 0
+
+    def sequence_totals(self, chunks: Captured, stack: StackedModules | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's summed loss and valid-token count over ``chunks``, ``(G, S)``
+        float64 both."""
+        totals, counts = [], []
         for chunk, hidden in chunks:
             losses, valid = self.token_losses(chunk, hidden, stack)
-            total = total + torch.where(valid, losses, 0.0).double().sum(-1)
-            count = count + valid.sum(-1)
-        return total / count  # NaN for chunks without a valid token, never a silent 0
+            rows = batch_rows(chunk) or 1
+            totals.append(torch.where(valid, losses, 0.0).double().reshape(
+                len(losses), rows, -1).sum(-1))
+            counts.append(valid.double().reshape(len(valid), rows, -1).sum(-1))
+        return torch.cat(totals, 1), torch.cat(counts, 1)
 
     def probe_losses(self, stack: StackedModules | None = None) -> torch.Tensor:
         """Per-token probe losses ``(G, P)`` in probe-token order."""
@@ -150,10 +160,15 @@ class GroupLosses:
         return torch.cat(parts, dim=-1)
 
     def _draw_observable(self, losses: torch.Tensor, observable: Captured | None,
-                         stack: StackedModules | None = None) -> torch.Tensor:
-        """A draw's observable loss ``(G,)``: the mean over ``observable``, or the
-        minibatch loss ``losses`` when it is None."""
-        return losses if observable is None else self.mean(observable, stack)
+                         stack: StackedModules | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A draw's observable loss ``(G,)`` and each observable sequence's mean loss
+        ``(G, S)``: over ``observable``, or the minibatch loss ``losses`` (and None) when it
+        is None."""
+        if observable is None:
+            return losses, None
+        totals, counts = self.sequence_totals(observable, stack)
+        return totals.sum(-1) / counts.sum(-1), totals / counts.clamp(min=1)
 
     def probe_sample(self, count: int) -> tuple[dict, torch.Tensor | None]:
         """The first ``count`` probe sequences of one chunk that have valid tokens (fewer
@@ -179,7 +194,9 @@ class GroupLosses:
                 step = ChainStep(loss[0], grads)
                 if draw:
                     with torch.no_grad():
-                        step.observable = self._draw_observable(loss, observable)[0]
+                        found, sequences = self._draw_observable(loss, observable)
+                        step.observable = found[0]
+                        step.sequence_losses = None if sequences is None else sequences[0]
                         step.tokens = self.probe_losses()[0]
             finally:
                 chain.unload()
@@ -196,16 +213,17 @@ class GroupLosses:
         stack = StackedModules(self.model, values, self.owners)
         losses, grads = self.loss_and_grads(batch, hidden, list(values.values()), stack)
         by_name = dict(zip(names, grads))
-        observables = tokens = None
+        observables = tokens = sequences = None
         if draw:
             with torch.no_grad():
-                observables = self._draw_observable(losses, observable, stack)
+                observables, sequences = self._draw_observable(losses, observable, stack)
                 tokens = self.probe_losses(stack)
         steps = []
         for j, chain in enumerate(chains):
             step = ChainStep(losses[j], [by_name[name][j] for name in chain.names])
             if draw:
                 step.observable, step.tokens = observables[j], tokens[j]
+                step.sequence_losses = None if sequences is None else sequences[j]
             steps.append(step)
         return steps
 
