@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 SEEDS, CHAINS, DRAWS, BURNIN = 60, 4, 200, 50
 
 
-def _estimates(seeds, observable, observable_sequences, draws):
+def _estimates(seeds, observable, observable_sequences, draws, **settings):
     problem = Problem()
     model, data, probe = engine_inputs(problem)
     component = Component("a", {"weight": torch.tensor(COMPONENTS["a"].reshape(D_OUT, D_IN))})
@@ -43,7 +43,8 @@ def _estimates(seeds, observable, observable_sequences, draws):
         config = SGLDConfig(step_size=EPS, n_beta=N_BETA, gamma=GAMMA, num_chains=CHAINS,
                             num_draws=draws, num_burnin=BURNIN, batch_size=N,
                             observable=observable, observable_sequences=observable_sequences,
-                            eval_batch_size=N, seed=seed, progress=False, workers=1)
+                            eval_batch_size=N, seed=seed, progress=False, workers=1,
+                            **settings)
         results.append(estimate_susceptibilities(model, [component], data, probe, config,
                                                  loss_fn=loss_fn))
     return problem, results
@@ -78,26 +79,27 @@ def test_standard_errors_match_the_spread_of_estimates(estimates):
         np.testing.assert_array_less(np.abs(ratio - 1), 0.35)
 
 
-def test_per_block_observable_sets_put_the_choice_of_sequences_in_the_errors():
-    """L on 10 of the 40 sampling points. One fixed set per seed: the SEs miss most of the
-    seed-to-seed spread (measured 0.15-0.22 of it), which the set dominates. A set per
-    block of draws: the SEs match it (40 seeds, SD uncertain by ~11 %: mean ratio within
-    20 %), once blocks (200 draws) are long against the chains' autocorrelation (with
-    50-draw blocks they run ~17 % small)."""
-    fixed = _ratios(_estimates(20, "fixed", 10, DRAWS)[1])
-    assert fixed["chi"].max() < 0.5 and fixed["dataset_chi"].max() < 0.5
-    per_block = _ratios(_estimates(40, "per-block", 10, 4 * DRAWS)[1])
-    for name, ratio in per_block.items():
-        assert abs(ratio.mean() - 1) < 0.2, name
+def test_observable_sets_of_ten_sequences_unbiased_and_in_the_errors():
+    """L on 10 of the 40 sampling points.
 
-
-def test_95_percent_intervals_cover_the_exact_values(estimates):
-    problem, results = estimates
+    One fixed set per seed, without the finite-set correction: the estimates are biased
+    (a uniform shift of about +0.0008, several times the exact values; a numpy check of
+    the closed forms averaged over sets gives the same) and the SEs miss most of the
+    seed-to-seed spread (measured 0.13-0.23 of it), which the set dominates. A set per
+    block of draws, corrected (the defaults): the mean over seeds is the exact value
+    within 3.5 SE of a mean of 40, and the SEs match the spread (SD uncertain by ~11 %:
+    mean ratio within 20 %) once blocks (200 draws) are long against the chains'
+    autocorrelation."""
+    problem, fixed = _estimates(20, "fixed", 10, DRAWS, unbiased_observable=False)
     _, exact = problem.exact(COMPONENTS["a"])
-    values = np.stack([r.chi[0] for r in results])
-    errors = np.stack([r.chi_se[0] for r in results])
-    covered = np.abs(values - exact) <= 1.96 * errors
-    print(f"coverage of chi's 95 % intervals: {covered.mean():.3f} "
-          f"({covered.size} intervals)")
-    assert 0.90 <= covered.mean() <= 0.99
-    assert not (np.abs(values - exact) <= 1.96 * errors / 2).mean() >= 0.9  # SE/2 would fail
+    ratios = _ratios(fixed)
+    assert ratios["chi"].max() < 0.5 and ratios["dataset_chi"].max() < 0.5
+    values = np.stack([r.chi[0] for r in fixed])
+    assert ((values.mean(0) - exact) > 3 * values.std(0, ddof=1) / np.sqrt(20)).sum() >= 4
+    _, per_block = _estimates(40, "per-block", 10, 4 * DRAWS)
+    for name, ratio in _ratios(per_block).items():
+        assert abs(ratio.mean() - 1) < 0.2, name
+    values = np.stack([r.chi[0] for r in per_block])
+    print(f"per-block mean {np.round(values.mean(0), 5)}, exact {np.round(exact, 5)}")
+    np.testing.assert_array_less(np.abs(values.mean(0) - exact),
+                                 3.5 * values.std(0, ddof=1) / np.sqrt(40))
