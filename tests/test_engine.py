@@ -27,6 +27,7 @@ from susc_callback import (
     head_components,
 )
 from susc_callback.components.resolve import resolve_components
+from susc_callback.estimator.observable import finite_set_kappa
 from susc_callback.sampler.group import GroupLosses
 from susc_callback.sampler.prefix import PrefixReplay
 
@@ -420,3 +421,14 @@ def test_first_draw_at_the_checkpoint_is_evaluated_once(gpt2, probe, sampling_id
     moved = estimate(gpt2, probe, sampling_ids, config.replace(num_burnin=1))
     at_anchor = np.broadcast_to(moved.anchor_loss[:, None], moved.loss_traces.shape[:2])
     assert not np.array_equal(moved.loss_traces[:, :, 0], at_anchor)  # burn-in: not shared
+
+
+def test_finite_set_kappa():
+    """(N - m) / (N (m - 1)); nothing to correct with the whole data, one sequence, a
+    minibatch observable or the correction off."""
+    config = SGLDConfig(observable_sequences=10)
+    assert finite_set_kappa(config, 40) == pytest.approx(30 / 360)
+    assert finite_set_kappa(config, 10) == 0
+    assert finite_set_kappa(config.replace(observable_sequences=1), 40) == 0
+    assert finite_set_kappa(config.replace(observable="minibatch"), 40) == 0
+    assert finite_set_kappa(config.replace(unbiased_observable=False), 40) == 0
