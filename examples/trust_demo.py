@@ -54,13 +54,10 @@ def main() -> None:
     print(f"1. calibrating at step {step} ({len(args.step_sizes) * len(args.n_betas)} "
           f"settings, 2 chains x {args.draws} draws each)", flush=True)
     found = calibrate(model, train, probe, base, step_sizes=args.step_sizes,
-                      n_betas=args.n_betas, components="heads", num_draws=args.draws)
+                      n_betas=args.n_betas, components="heads", num_draws=args.draws,
+                      on_setting=lambda setting: print(f"   {setting.line()}", flush=True))
     found.save(out)
     save_calibration_figure(found, out / "calibration_traces.png")
-    for s in found.settings:
-        verdict = "stationary" if s.stationary else s.problems[0]
-        print(f"   eps={s.step_size:g} n_beta={s.n_beta:g}: ESS {s.ess:.0f}, drift "
-              f"{s.drift:+.1f}, R-hat {s.rhat:.2f}, LLC {s.llc:.3g} - {verdict}")
     print(f"   {found.reason}")
     if found.recommended is None:
         return

@@ -43,3 +43,18 @@ def test_diverged_chains_are_left_out_and_short_traces_give_nan():
     traces[1, 50:] = np.nan
     assert np.isfinite(diagnose(traces).rhat)
     assert np.isnan(diagnose(ar1(2, 3, 0.3, 6)).ess)
+
+
+def test_short_chains_get_a_wider_rhat_limit():
+    """2 chains x 30 draws (rho 0.6, ESS ~15): stationary chains exceed R-hat 1.1 about 40 %
+    of the time (measured over 200 seeds); with the limit sqrt(1.1^2 + M / ESS) (M = 4
+    half-chains) 13 % (2 x 60 draws: 13 % against 2 %), while chains 3 sd apart are still
+    flagged."""
+    short = [diagnose(ar1(2, 30, 0.6, seed)) for seed in range(100)]
+    assert sum(d.rhat > 1.1 for d in short) >= 30
+    assert sum(any("disagree" in p for p in d.problems()) for d in short) <= 20
+    assert all(d.rhat_limit > 1.1 for d in short)
+    apart = [diagnose(ar1(2, 30, 0.6, seed) + np.array([[0.0], [3.0 / 0.8]]))
+             for seed in range(20)]
+    assert all(any("disagree" in p for p in d.problems()) for d in apart)
+    assert diagnose(ar1(4, 5000, 0.5, 7)).rhat_limit < 1.101  # long chains: 1.1

@@ -5,7 +5,11 @@ chains sampling one stationary posterior?
 
 * ``rhat``: the rank-free split R-hat of Gelman et al. (each chain cut in halves; the
   between- over the within-half variance). Near 1 when all chains sample the same
-  distribution; above ``RHAT_LIMIT`` they disagree.
+  distribution; above ``RHAT_LIMIT`` they disagree. Short chains make it noisy: ``M``
+  stationary half-chains of effective sample size ``ESS`` in all give ``R-hat^2 ~ 1 +
+  M / ESS`` (the halves' means vary by their Monte-Carlo error), so the limit applied is
+  ``sqrt(RHAT_LIMIT^2 + M / ESS)``: ``RHAT_LIMIT`` for long chains, wider for the short
+  ones of a snapshot or a calibration sweep.
 * ``ess``: the effective sample size of the pooled draws, from the chains' mean
   autocorrelation summed up to the first negative pair of lags (Geyer's initial positive
   sequence).
@@ -35,12 +39,20 @@ class TraceDiagnostics:
     rhat: float
     ess: float
     drift: float
+    halves: int = 0  # the half-chains R-hat compared
+
+    @property
+    def rhat_limit(self) -> float:
+        """``RHAT_LIMIT``, widened for short chains (module docstring)."""
+        if not self.halves or not np.isfinite(self.ess) or self.ess <= 0:
+            return RHAT_LIMIT
+        return float(np.sqrt(RHAT_LIMIT ** 2 + self.halves / self.ess))
 
     def problems(self) -> list[str]:
         """What the diagnostics say is wrong, in words (empty when nothing is)."""
         found = []
-        if np.isfinite(self.rhat) and self.rhat > RHAT_LIMIT:
-            found.append(f"chains disagree (R-hat {self.rhat:.2f} > {RHAT_LIMIT})")
+        if np.isfinite(self.rhat) and self.rhat > self.rhat_limit:
+            found.append(f"chains disagree (R-hat {self.rhat:.2f} > {self.rhat_limit:.2f})")
         if np.isfinite(self.drift) and abs(self.drift) > DRIFT_LIMIT:
             direction = "rises" if self.drift > 0 else "falls"
             found.append(f"the loss {direction} over the draws ({self.drift:+.1f} standard "
@@ -56,7 +68,7 @@ def diagnose(traces: np.ndarray) -> TraceDiagnostics:
     if traces.size == 0 or traces.shape[1] < 4:
         return TraceDiagnostics(float("nan"), float("nan"), float("nan"))
     return TraceDiagnostics(split_rhat(traces), effective_sample_size(traces),
-                            drift(traces))
+                            drift(traces), 2 * len(traces))
 
 
 def split_rhat(traces: np.ndarray) -> float:

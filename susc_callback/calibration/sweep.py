@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,6 +65,13 @@ class SettingReport:
     @property
     def stationary(self) -> bool:
         return not self.problems
+
+    def line(self) -> str:
+        """The setting and its verdict in one line."""
+        verdict = "stationary" if self.stationary else self.problems[0]
+        return (f"eps={self.step_size:g} n_beta={self.n_beta:g} gamma={self.gamma:g}: ESS "
+                f"{self.ess:.0f}, drift {self.drift:+.1f}, R-hat {self.rhat:.2f}, LLC "
+                f"{self.llc:.3g} - {verdict}")
 
     def summary(self) -> dict:
         """JSON-safe numbers of the setting (no traces)."""
@@ -108,11 +115,13 @@ def calibrate(model: nn.Module, sampling_data: object, probe: ProbeSet,
               gammas: Sequence[float] | None = None,
               components: str | list[Component] | None = None,
               num_chains: int = 2, num_draws: int = 100,
-              loss_fn: LossFn | None = None) -> Calibration:
+              loss_fn: LossFn | None = None,
+              on_setting: Callable[[SettingReport], None] | None = None) -> Calibration:
     """Run every combination of ``step_sizes`` x ``n_betas`` x ``gammas`` (default: the
     config's gamma) with ``num_chains`` x ``num_draws`` chains on ``components`` (default:
     every attention head) and recommend one (module docstring). The recommendation is
-    ``config`` with that step size, n_beta and gamma: its own chain and draw counts."""
+    ``config`` with that step size, n_beta and gamma: its own chain and draw counts.
+    ``on_setting`` sees each setting's report as soon as it is done (e.g. to print it)."""
     base = config or SGLDConfig()
     gammas = (base.gamma,) if gammas is None else tuple(gammas)
     for name, values in (("step_sizes", step_sizes), ("n_betas", n_betas), ("gammas", gammas)):
@@ -124,6 +133,8 @@ def calibrate(model: nn.Module, sampling_data: object, probe: ProbeSet,
         setting = short.replace(step_size=step_size, n_beta=n_beta, gamma=gamma)
         reports.append(_run_setting(model, sampling_data, probe, setting, components,
                                     loss_fn))
+        if on_setting is not None:
+            on_setting(reports[-1])
     return _recommend(reports, base)
 
 

@@ -40,16 +40,12 @@ def calibrate_command(args: argparse.Namespace) -> int:
         found = calibrate(model, sampling.tensors, probe, sgld_config(args),
                           step_sizes=args.step_sizes, n_betas=args.n_betas, gammas=args.gammas,
                           components=args.components, num_chains=args.chains,
-                          num_draws=args.draws)
+                          num_draws=args.draws,
+                          on_setting=lambda setting: print(setting.line(), flush=True))
     except ValueError as error:
         raise CommandError(f"{checkpoint}: {error}") from error
     out = found.save(args.out)
     figure = save_calibration_figure(found, out / "calibration_traces.png")
-    for setting in found.settings:
-        verdict = "stationary" if setting.stationary else setting.problems[0]
-        print(f"eps={setting.step_size:g} n_beta={setting.n_beta:g} gamma={setting.gamma:g}: "
-              f"ESS {setting.ess:.0f}, drift {setting.drift:+.1f}, R-hat {setting.rhat:.2f}"
-              f" - {verdict}")
     print(found.reason)
     print(f"wrote {out / 'calibration.json'} and {figure}")
     if found.recommended is None:
