@@ -4,6 +4,7 @@ Run the demo first (``python examples/induction_demo.py --quick``), then::
 
     python examples/trust_demo.py                       # the quick demo's last checkpoint
     python examples/trust_demo.py --run outputs/induction_demo_default --mode default
+    python examples/trust_demo.py --step-sizes 1e-3 3e-3 --n-betas 30 --gammas 300 1000
 
 1. ``calibrate`` at the last checkpoint: a sweep over step size x n_beta with short
    chains, every setting's diagnostics, a recommended setting and its burn-in
@@ -42,6 +43,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step-sizes", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     parser.add_argument("--n-betas", type=float, nargs="+", default=[10.0, 30.0, 100.0])
+    parser.add_argument("--gammas", type=float, nargs="+", default=None,
+                        help="default: the config's (300)")
     parser.add_argument("--draws", type=int, default=60, help="draws per calibration chain")
     args = parser.parse_args()
     checkpoints = find_checkpoints(args.run, None)
@@ -51,10 +54,12 @@ def main() -> None:
     out = args.run / "trust"
     base = SGLDConfig(num_chains=4, num_draws=100, batch_size=16, seed=args.seed)
 
-    print(f"1. calibrating at step {step} ({len(args.step_sizes) * len(args.n_betas)} "
-          f"settings, 2 chains x {args.draws} draws each)", flush=True)
+    settings = len(args.step_sizes) * len(args.n_betas) * len(args.gammas or [base.gamma])
+    print(f"1. calibrating at step {step} ({settings} settings, 2 chains x {args.draws} "
+          "draws each)", flush=True)
     found = calibrate(model, train, probe, base, step_sizes=args.step_sizes,
-                      n_betas=args.n_betas, components="heads", num_draws=args.draws,
+                      n_betas=args.n_betas, gammas=args.gammas, components="heads",
+                      num_draws=args.draws,
                       on_setting=lambda setting: print(f"   {setting.line()}", flush=True))
     found.save(out)
     save_calibration_figure(found, out / "calibration_traces.png")
