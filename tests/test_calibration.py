@@ -69,6 +69,7 @@ def test_no_stationary_setting_means_no_recommendation(problem):
     found = calibrate(model, data, probe, config, step_sizes=[1.0], n_betas=[N_BETA],
                       components=[component], num_chains=2, num_draws=20, loss_fn=loss_fn)
     assert found.recommended is None and "No setting of the sweep is stationary" in found.reason
+    assert "smaller step sizes" in found.reason  # it diverged
 
 
 def test_bad_sweeps_are_named(problem):

@@ -186,13 +186,28 @@ def _worst(found: list[TraceDiagnostics]) -> TraceDiagnostics:
                             drift=pick(finite("drift"), abs))
 
 
+def _advice(reports: list[SettingReport]) -> str:
+    """What to try next, from what went wrong across the sweep."""
+    found = " ".join(problem for r in reports for problem in r.problems)
+    advice = []
+    if "diverged" in found or "rises" in found:
+        advice.append("smaller step sizes (the loss rises or the chains diverge)")
+    if "falls" in found or "LLC" in found:
+        advice.append("a larger gamma or a longer burn-in (the chains find lower loss "
+                      "than w*: a checkpoint away from a minimum)")
+    if "disagree" in found:
+        advice.append("more draws per setting, or larger step sizes (the chains do not "
+                      "agree within the sweep's draws: they mix too slowly for its length)")
+    return "Try " + "; or ".join(advice) + "." if advice else ""
+
+
 def _recommend(reports: list[SettingReport], base: SGLDConfig) -> Calibration:
     stationary = [r for r in reports if r.stationary and np.isfinite(r.ess)]
     if not stationary:
         reasons = "; ".join(f"eps={r.step_size:g}, n_beta={r.n_beta:g}, gamma={r.gamma:g}: "
                             f"{r.problems[0]}" for r in reports)
         return Calibration(reports, None, "No setting of the sweep is stationary (" + reasons
-                           + "). Try smaller step sizes, a longer burn-in or larger gamma.")
+                           + "). " + _advice(reports))
     best = max(stationary, key=lambda r: (r.ess, -reports.index(r)))
     rejected = len(reports) - len(stationary)
     reason = (f"step_size={best.step_size:g}, n_beta={best.n_beta:g}, gamma={best.gamma:g}: "
