@@ -477,16 +477,17 @@ def test_fluctuation_dissipation_engine(problem, engine, replicates, fd_point):
 
 
 def test_localisation_share_matches_the_chain_law(problem, engine):
-    """gamma E|u - u*|^2 / d, with E|u - u*|^2 = tr(Sigma) + |m - u*|^2 under the exact
-    stationary law, for every component and the full chain; the SE from R replicates of
-    the exact AR(1) chains (same K, B, T)."""
+    """gamma (1 - eps gamma / 4) E|u - u*|^2 / d, with E|u - u*|^2 = tr(Sigma) + |m - u*|^2
+    under the exact stationary law, for every component and the full chain; the SE from R
+    replicates of the exact AR(1) chains (same K, B, T). On the localisation alone the
+    discrete chain's Sigma is I / (gamma (1 - eps gamma / 4)): a share of exactly 1."""
     result = engine[0]
     rng = np.random.default_rng(99)
     for name, idx in [*COMPONENTS.items(), ("full", np.ones(P, bool))]:
         law = problem.chain_law(idx)
         C = law["C"]
-        exact = GAMMA * (np.trace(law["S"]) + np.sum((law["m"] - problem.wstar[C]) ** 2)) \
-            / len(C)
+        scale = GAMMA * (1 - EPS * GAMMA / 4) / len(C)
+        exact = scale * (np.trace(law["S"]) + np.sum((law["m"] - problem.wstar[C]) ** 2))
         u = np.broadcast_to(problem.wstar[C], (REPLICATES, CHAINS, len(C))).copy()
         total = np.zeros(REPLICATES)
         for step in range(BURNIN + DRAWS):
@@ -494,7 +495,7 @@ def test_localisation_share_matches_the_chain_law(problem, engine):
                 total += ((u - problem.wstar[C]) ** 2).sum(-1).sum(-1)
             u = law["m"] + (u - law["m"]) @ law["M"].T \
                 + math.sqrt(EPS) * rng.standard_normal(u.shape)
-        simulated = GAMMA * total / (CHAINS * DRAWS * len(C))
+        simulated = scale * len(C) * total / (CHAINS * DRAWS * len(C))
         share_se = se(simulated)
         found = result.full_localisation if name == "full" else \
             result.localisation[list(COMPONENTS).index(name)]
@@ -502,4 +503,6 @@ def test_localisation_share_matches_the_chain_law(problem, engine):
               f"|err|/SE {abs(found - exact) / share_se:.2f}")
         assert abs(simulated.mean() - exact) < 5 * share_se / math.sqrt(REPLICATES)
         assert abs(found - exact) < Z * share_se
-        assert 0 < exact < 1.1 and abs(2 * found - exact) > Z * share_se
+        assert 0 < exact < 1 and abs(2 * found - exact) > Z * share_se
+    pure = solve_discrete_lyapunov(np.eye(2) * (1 - EPS * GAMMA / 2), EPS * np.eye(2))
+    assert GAMMA * (1 - EPS * GAMMA / 4) * np.trace(pure) / 2 == pytest.approx(1.0)

@@ -11,7 +11,10 @@ samples one stationary posterior:
   large a step size, a falling one too short a burn-in or a checkpoint away from a
   minimum);
 * the chains agree (split R-hat ``<= RHAT_LIMIT``);
-* the full model's LLC is positive (``E[phi] > 0``: the chains stay above ``L(w*)``).
+* the full model's LLC is positive (``E[phi] > 0``: the chains stay above ``L(w*)``);
+* the step is small against the localisation, ``eps gamma <= MAX_STEP_GAMMA``: the chain
+  on the localisation alone has a spread ``1 / (1 - eps gamma / 4)`` times the
+  posterior's (1.11 at the limit), a bias no diagnostic of the traces can see.
 
 Among the stationary settings the recommendation is the one whose chains mix fastest:
 the largest effective sample size of its worst chain group (the smallest over the
@@ -39,6 +42,8 @@ from susc_callback.data.probes import ProbeSet
 from susc_callback.data.sampling import LossFn
 from susc_callback.estimator.engine import estimate_susceptibilities
 from susc_callback.sampler.divergence import ChainDivergedError
+
+MAX_STEP_GAMMA = 0.4
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,12 @@ def _run_setting(model: nn.Module, sampling_data: object, probe: ProbeSet,
     problems = [f"{name}: {problem}" for name, diagnostics in found.items()
                 for problem in diagnostics.problems()]
     problems += [f"{name} diverged" for name in result.failed]
+    if config.step_size * config.gamma > MAX_STEP_GAMMA:
+        problems.append(
+            f"step-size bias: eps gamma = {config.step_size * config.gamma:.2g} > "
+            f"{MAX_STEP_GAMMA}, so the chains spread "
+            f"{1 / (1 - config.step_size * config.gamma / 4):.2f}x wider than the posterior "
+            "wherever the loss is flat")
     if not result.llc_full > 0:
         problems.append(f"the LLC is {result.llc_full:.3g} <= 0: the chains find losses "
                         "below L(w*) (the checkpoint is not at a minimum at this n_beta, "
@@ -190,8 +201,9 @@ def _advice(reports: list[SettingReport]) -> str:
     """What to try next, from what went wrong across the sweep."""
     found = " ".join(problem for r in reports for problem in r.problems)
     advice = []
-    if "diverged" in found or "rises" in found:
-        advice.append("smaller step sizes (the loss rises or the chains diverge)")
+    if "diverged" in found or "rises" in found or "step-size bias" in found:
+        advice.append("smaller step sizes (the loss rises, the chains diverge or the step "
+                      "is large against gamma)")
     if "falls" in found or "LLC" in found:
         advice.append("a larger gamma or a longer burn-in (the chains find lower loss "
                       "than w*: a checkpoint away from a minimum)")

@@ -65,7 +65,8 @@ class SusceptibilityResult:
             draws, with one chain), for split-half reliability
             (:mod:`~susc_callback.analysis.reliability`); None in older results.
         localisation, full_localisation: ``(C,)`` and a float: the share of each posterior's
-            spread that the localisation sets, ``gamma E|u - u*|^2 / d`` (near 1: the loss
+            spread that the localisation sets, ``gamma (1 - eps gamma / 4) E|u - u*|^2 / d``
+            (near 1: the loss
             hardly confines the component, so its susceptibilities mostly reflect gamma;
             :meth:`~susc_callback.estimator.sums.DrawSums.localisation_share`); None in
             older results.
@@ -174,7 +175,8 @@ class SusceptibilityResult:
                 chi_covariance[row] = covariance_susceptibilities(sums[name])
                 chi_halves[:, row] = half_susceptibilities(sums[name], full)
                 mean_phi[row] = sums[name].mean_phi()
-                localisation[row] = sums[name].localisation_share(config.gamma)
+                localisation[row] = sums[name].localisation_share(config.gamma,
+                                                                  config.step_size)
                 replicates, phi_replicates = susceptibility_replicates(sums[name], full)
                 chi_se[row] = jackknife_se(replicates)
                 dataset_chi_se[row] = jackknife_se(mean_per_dataset(
@@ -196,7 +198,8 @@ class SusceptibilityResult:
             full_loss_trace=full.loss_trace.cpu().numpy(),
             probe_traces=np.stack([sums[n].probe_trace.cpu().numpy() for n in names]),
             full_probe_trace=full.probe_trace.cpu().numpy(), chi_halves=chi_halves,
-            localisation=localisation, full_localisation=full.localisation_share(config.gamma),
+            localisation=localisation,
+            full_localisation=full.localisation_share(config.gamma, config.step_size),
             token_sequence=token_sequence.astype(np.int64),
             token_position=token_position.astype(np.int64),
             probe_input_ids=ids, probe_attention_mask=mask,

@@ -117,13 +117,16 @@ class DrawSums:
         n = self.total
         return float(self.phi.sum() / n) if n else float("nan")
 
-    def localisation_share(self, gamma: float) -> float:
-        """``gamma E|u - u*|^2 / d``: how much of the posterior's spread the localisation
-        sets. For a Gaussian posterior with precision ``n_beta H + gamma I`` it is the mean
-        over directions of ``gamma / (n_beta h_i + gamma)`` (in the small-step limit): 1
-        when the loss is flat in the component, near 0 when the loss confines it."""
+    def localisation_share(self, gamma: float, step_size: float) -> float:
+        """``gamma (1 - eps gamma / 4) E|u - u*|^2 / d``: how much of the posterior's spread
+        the localisation sets. The SGLD chain on the localisation alone has per-entry
+        variance ``1 / (gamma (1 - eps gamma / 4))`` (the discrete chain's, exactly), so the
+        share is 1 when the loss is flat in the component; for a Gaussian posterior with
+        precision ``n_beta H + gamma I`` it is about the mean over directions of ``gamma /
+        (n_beta h_i + gamma)``, near 0 when the loss confines the component."""
         n = self.total
-        return float(gamma * self.displacement.sum() / n) if n else float("nan")
+        scale = gamma * (1 - step_size * gamma / 4)
+        return float(scale * self.displacement.sum() / n) if n else float("nan")
 
     def mean_anchor(self) -> float:
         """Mean over draws of L(w*) (it varies per draw with a minibatch observable)."""
