@@ -43,8 +43,8 @@ def _estimates(seeds, observable, observable_sequences, draws, **settings):
         config = SGLDConfig(step_size=EPS, n_beta=N_BETA, gamma=GAMMA, num_chains=CHAINS,
                             num_draws=draws, num_burnin=BURNIN, batch_size=N,
                             observable=observable, observable_sequences=observable_sequences,
-                            eval_batch_size=N, seed=seed, progress=False, workers=1,
-                            **settings)
+                            eval_batch_size=N, seed=seed, progress=False,
+                            **{"workers": 2, **settings})
         results.append(estimate_susceptibilities(model, [component], data, probe, config,
                                                  loss_fn=loss_fn))
     return problem, results
@@ -77,6 +77,18 @@ def test_standard_errors_match_the_spread_of_estimates(estimates):
     for name, ratio in _ratios(estimates[1]).items():
         assert abs(ratio.mean() - 1) < 0.2, name
         np.testing.assert_array_less(np.abs(ratio - 1), 0.35)
+
+
+def test_95_percent_intervals_cover_the_exact_values(estimates):
+    problem, results = estimates
+    _, exact = problem.exact(COMPONENTS["a"])
+    values = np.stack([r.chi[0] for r in results])
+    errors = np.stack([r.chi_se[0] for r in results])
+    covered = np.abs(values - exact) <= 1.96 * errors
+    print(f"coverage of chi's 95 % intervals: {covered.mean():.3f} "
+          f"({covered.size} intervals)")
+    assert 0.90 <= covered.mean() <= 0.99
+    assert not (np.abs(values - exact) <= 1.96 * errors / 2).mean() >= 0.9  # SE/2 would fail
 
 
 def test_observable_sets_of_ten_sequences_unbiased_and_in_the_errors():
