@@ -8,12 +8,8 @@ import pytest
 from conftest import estimate
 
 from susc_callback import SGLDConfig
-from susc_callback.estimator.spacing import (
-    autocorrelation,
-    choose_spacing,
-    cost_ratio,
-    thinned_time,
-)
+from susc_callback.estimator.autocorrelation import autocorrelation, integrated_time
+from susc_callback.estimator.spacing import choose_spacing, cost_ratio
 
 
 def _ar1(a: float, chains: int, draws: int, seed: int = 0) -> np.ndarray:
@@ -30,7 +26,7 @@ def _ar1(a: float, chains: int, draws: int, seed: int = 0) -> np.ndarray:
 def test_thinned_time_of_an_ar1_chain(a, k):
     """Kept every k steps an AR(1) chain is AR(1) with a^k: tau = (1 + a^k) / (1 - a^k)."""
     rho = a ** np.arange(2000)
-    assert thinned_time(rho, k) == pytest.approx((1 + a ** k) / (1 - a ** k), rel=1e-6)
+    assert integrated_time(rho[::k]) == pytest.approx((1 + a ** k) / (1 - a ** k), rel=1e-6)
 
 
 def test_the_measured_autocorrelation_of_ar1_traces():

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from susc_callback.estimator.autocorrelation import autocorrelation, integrated_time
+
 RHAT_LIMIT = 1.1
 DRIFT_LIMIT = 4.0
 LOCALISATION_LIMIT = 0.95
@@ -84,20 +86,10 @@ def split_rhat(traces: np.ndarray) -> float:
 
 def effective_sample_size(traces: np.ndarray) -> float:
     chains, n = traces.shape
-    centred = traces - traces.mean(axis=1, keepdims=True)
-    variance = (centred ** 2).mean()
-    if variance <= 0:
+    rho = autocorrelation(traces)
+    if rho is None:
         return float("nan")
-    spectrum = np.fft.rfft(centred, n=2 * n, axis=1)
-    autocov = np.fft.irfft(spectrum * spectrum.conj(), axis=1)[:, :n].mean(0) / n
-    rho = autocov / autocov[0]
-    total = 0.0
-    for lag in range(1, n - 1, 2):  # pairs (rho_lag + rho_lag+1) while positive
-        pair = rho[lag] + rho[lag + 1]
-        if pair < 0:
-            break
-        total += pair
-    tau = max(1.0 + 2.0 * total, 1.0 / (chains * n))
+    tau = max(integrated_time(rho), 1.0 / (chains * n))
     return float(chains * n / tau)
 
 
@@ -113,14 +105,24 @@ def drift(traces: np.ndarray) -> float:
     return float(slope / se) if se > 0 else float("nan")
 
 
-def trace_diagnostics(result) -> dict[str, TraceDiagnostics]:
+def trace_diagnostics(result, warmup: int = 0) -> dict[str, TraceDiagnostics]:
     """``{component: diagnostics}`` of a result's traces (failed components left out),
-    and ``"full"`` for the full chain."""
+    and ``"full"`` for the full chain; the first ``warmup`` draws left out."""
     traces, full = result.diagnostic_traces()
-    found = {name: diagnose(trace) for name, trace in zip(result.component_names, traces)
-             if name not in result.failed}
-    found["full"] = diagnose(full)
+    found = {name: diagnose(trace[:, warmup:]) for name, trace in
+             zip(result.component_names, traces) if name not in result.failed}
+    found["full"] = diagnose(full[:, warmup:])
     return found
+
+
+def localisation_shares(result) -> dict[str, float]:
+    """``{component: localisation share}`` and ``"full"`` (empty in results without
+    them)."""
+    if result.localisation is None:
+        return {}
+    shares = dict(zip(result.component_names, result.localisation))
+    shares["full"] = result.full_localisation
+    return shares
 
 
 def snapshot_problems(result) -> list[str]:
@@ -128,12 +130,9 @@ def snapshot_problems(result) -> list[str]:
     of ``result`` show (empty when there is none)."""
     found = [f"{name}: {problem}" for name, diagnostics in trace_diagnostics(result).items()
              for problem in diagnostics.problems()]
-    if result.localisation is not None:
-        shares = dict(zip(result.component_names, result.localisation))
-        shares["full"] = result.full_localisation
-        found += [f"{name}: the localisation sets {share:.0%} of the posterior's spread "
-                  f"(> {LOCALISATION_LIMIT:.0%}): the loss hardly confines it, so its "
-                  "susceptibilities mostly reflect gamma (lower gamma or raise n_beta)"
-                  for name, share in shares.items()
-                  if share is not None and np.isfinite(share) and share > LOCALISATION_LIMIT]
+    found += [f"{name}: the localisation sets {share:.0%} of the posterior's spread "
+              f"(> {LOCALISATION_LIMIT:.0%}): the loss hardly confines it, so its "
+              "susceptibilities mostly reflect gamma (lower gamma or raise n_beta)"
+              for name, share in localisation_shares(result).items()
+              if share is not None and np.isfinite(share) and share > LOCALISATION_LIMIT]
     return found

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from susc_callback.config import SGLDConfig
+from susc_callback.estimator.autocorrelation import autocorrelation, integrated_time
 
 PILOT_CHAINS, PILOT_DRAWS = 2, 64
 MAX_SPACING = 32
@@ -61,36 +62,10 @@ def cost_ratio(config: SGLDConfig, probe_sequences: int) -> float:
 
 def choose_spacing(traces: np.ndarray, ratio: float) -> DrawSpacing:
     """The spacing from pilot traces ``(chains, draws)`` drawn at every step."""
-    rho = autocorrelation(traces)
-    spacings = np.arange(1, MAX_SPACING + 1)
-    rates = np.array([1 / (thinned_time(rho, k) * (k + ratio)) for k in spacings])
-    return DrawSpacing(int(spacings[np.argmax(rates)]), rho, ratio, rates)
-
-
-def autocorrelation(traces: np.ndarray) -> np.ndarray:
-    """The chains' mean autocorrelation at lags ``0 .. draws // 2``."""
     traces = traces[np.isfinite(traces).all(axis=1)]
-    centred = traces - traces.mean(axis=1, keepdims=True)
-    n = traces.shape[1]
-    spectrum = np.fft.rfft(centred, n=2 * n, axis=1)
-    autocov = np.fft.irfft(spectrum * spectrum.conj(), axis=1)[:, :n].mean(0) / n
-    if autocov[0] <= 0:  # a constant trace: every draw the same, nothing to space
-        return np.eye(1, n // 2 + 1).ravel()
-    return autocov[:n // 2 + 1] / autocov[0]
-
-
-def thinned_time(rho: np.ndarray, k: int) -> float:
-    """Integrated autocorrelation time of the chain kept every ``k`` steps, in kept draws:
-    ``1 + 2 sum_j rho(j k)``, summed while consecutive pairs stay positive (Geyer's initial
-    positive sequence), lags beyond the measured ones taken as 0."""
-    thinned = rho[::k]
-    total = 0.0
-    for lag in range(1, len(thinned) - 1, 2):
-        pair = thinned[lag] + thinned[lag + 1]
-        if pair <= 0:
-            break
-        total += pair
-    else:
-        if len(thinned) % 2 == 0 and thinned[-1] > 0:  # an unpaired last lag
-            total += thinned[-1]
-    return 1.0 + 2.0 * total
+    rho = autocorrelation(traces, max_lag=traces.shape[1] // 2)
+    if rho is None:  # a constant trace: every draw the same, nothing to space
+        rho = np.eye(1, traces.shape[1] // 2 + 1).ravel()
+    spacings = np.arange(1, MAX_SPACING + 1)
+    rates = np.array([1 / (integrated_time(rho[::k]) * (k + ratio)) for k in spacings])
+    return DrawSpacing(int(spacings[np.argmax(rates)]), rho, ratio, rates)
