@@ -54,6 +54,20 @@ class SplitHalf:
         return spearman_brown(self.component_r)
 
 
+def split_half_or_none(result: SusceptibilityResult, pca: SusceptibilityPCA | None
+                       ) -> SplitHalf | None:
+    """:func:`split_half_reliability` with ``pca``'s settings, or None where there is
+    none: no half estimates, fewer than 2 finite components, or constant halves."""
+    if result.chi_halves is None:
+        return None
+    settings = {} if pca is None else {"n_components": pca.n_components,
+                                       "standardization": pca.standardization}
+    try:
+        return split_half_reliability(result, **settings)
+    except ValueError:
+        return None
+
+
 def spearman_brown(r: np.ndarray | float) -> np.ndarray:
     """The correlation of two estimates twice as long as two with correlation ``r``."""
     r = np.asarray(r, dtype=np.float64)

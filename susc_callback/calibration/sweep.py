@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from susc_callback.analysis.diagnostics import TraceDiagnostics, diagnose
+from susc_callback.analysis.diagnostics import TraceDiagnostics, trace_diagnostics
 from susc_callback.components.component import Component
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
@@ -153,11 +153,9 @@ def _run_setting(model: nn.Module, sampling_data: object, probe: ProbeSet,
     except ChainDivergedError as error:  # the full chain diverged
         return SettingReport(*point, np.nan, np.nan, np.nan, np.nan, 0,
                              (f"diverged: {error}",), None)
-    traces, full = result.diagnostic_traces()
     warmup = config.num_draws // 2
-    found = {name: diagnose(trace[:, warmup:]) for name, trace in
-             zip(result.component_names, traces) if name not in result.failed}
-    found["full"] = diagnose(full[:, warmup:])
+    found = trace_diagnostics(result, warmup)
+    full = result.diagnostic_traces()[1]
     problems = [f"{name}: {problem}" for name, diagnostics in found.items()
                 for problem in diagnostics.problems()]
     problems += [f"{name} diverged" for name in result.failed]

@@ -95,7 +95,7 @@ class ChainObservable:
             return
         if cfg.observable == "minibatch" and cfg.anchor == "exact":
             self.anchor = self.losses.mean([(batch, hidden)])[0]
-        elif cfg.observable == "per-block" and block_of(draw, cfg.num_draws) != self._block:
+        elif cfg.observable == "per-block" and self._block != block_of(draw, cfg.num_draws):
             self._block = block_of(draw, cfg.num_draws)
             self.anchor = self._use(self.losses.captured(seeded_chunks(
                 self.data, cfg, self.device, ("observable", self.chain_index, self._block),

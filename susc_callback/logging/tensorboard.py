@@ -52,9 +52,9 @@ from susc_callback.analysis.attribution import (
     token_in_context,
     top_tokens_markdown,
 )
-from susc_callback.analysis.diagnostics import trace_diagnostics
+from susc_callback.analysis.diagnostics import localisation_shares, trace_diagnostics
 from susc_callback.analysis.pca import SusceptibilityPCA, layer_pcas, standardize
-from susc_callback.analysis.reliability import loading_errors, split_half_reliability
+from susc_callback.analysis.reliability import loading_errors, split_half_or_none
 from susc_callback.analysis.series import SnapshotSeries
 from susc_callback.clusters.snapshot import SnapshotClusters
 from susc_callback.components.architectures import group_by_layer
@@ -93,11 +93,9 @@ def snapshot_scalars(result: SusceptibilityResult, pca: SusceptibilityPCA | None
     for name, found in trace_diagnostics(result).items():
         for key in ("rhat", "ess", "drift"):
             scalars[f"diagnostics/{key}/{name}"] = float(getattr(found, key))
-    if result.localisation is not None:
-        for name, share in zip(result.component_names, result.localisation):
-            if name not in result.failed:
-                scalars[f"diagnostics/localisation/{name}"] = float(share)
-        scalars["diagnostics/localisation/full"] = float(result.full_localisation)
+    scalars |= {f"diagnostics/localisation/{name}": float(share)
+                for name, share in localisation_shares(result).items()
+                if name not in result.failed}
     scalars |= _reliability_scalars(result, pca)
     scalars["snapshot/failed_components"] = float(len(result.failed))
     if pca is not None:
@@ -115,13 +113,8 @@ def snapshot_scalars(result: SusceptibilityResult, pca: SusceptibilityPCA | None
 def _reliability_scalars(result: SusceptibilityResult, pca: SusceptibilityPCA | None
                          ) -> dict[str, float]:
     """Split-half reliability of the snapshot (none without half estimates)."""
-    if result.chi_halves is None:
-        return {}
-    settings = {} if pca is None else {"n_components": pca.n_components,
-                                       "standardization": pca.standardization}
-    try:
-        halves = split_half_reliability(result, **settings)
-    except ValueError:  # fewer than 2 finite components, or constant halves
+    halves = split_half_or_none(result, pca)
+    if halves is None:
         return {}
     scalars = {f"reliability/split_half/{name}": float(r)
                for name, r in zip(halves.component_names, halves.component_r)}

@@ -7,20 +7,21 @@ import html
 
 import numpy as np
 
-from susc_callback.analysis.diagnostics import snapshot_problems, trace_diagnostics
+from susc_callback.analysis.diagnostics import (
+    localisation_shares,
+    snapshot_problems,
+    trace_diagnostics,
+)
 from susc_callback.analysis.pca import SusceptibilityPCA
-from susc_callback.analysis.reliability import SplitHalf, split_half_reliability
+from susc_callback.analysis.reliability import split_half_or_none
 from susc_callback.estimator.results import SusceptibilityResult
 
 
 def trust_section(result: SusceptibilityResult, pca: SusceptibilityPCA | None) -> str:
     """The section for snapshot ``result`` (split-half PCs with ``pca``'s settings)."""
-    halves = _split_half(result, pca)
+    halves = split_half_or_none(result, pca)
     diagnostics = trace_diagnostics(result)
-    shares = {} if result.localisation is None else dict(zip(result.component_names,
-                                                             result.localisation))
-    if result.full_localisation is not None:
-        shares["full"] = result.full_localisation
+    shares = localisation_shares(result)
     split = {} if halves is None else dict(zip(halves.component_names, halves.component_r))
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td>{_cell(d.rhat, '.2f')}{_cell(d.ess, '.0f')}"
@@ -45,18 +46,6 @@ def trust_section(result: SusceptibilityResult, pca: SusceptibilityPCA | None) -
             f"<ul>{listed}</ul>{summary}<table><tr><th>component</th><th>R-hat</th>"
             "<th>ESS</th><th>drift</th><th>localisation</th><th>split-half r</th></tr>"
             f"{rows}</table>")
-
-
-def _split_half(result: SusceptibilityResult, pca: SusceptibilityPCA | None
-                ) -> SplitHalf | None:
-    if result.chi_halves is None:
-        return None
-    settings = {} if pca is None else {"n_components": pca.n_components,
-                                       "standardization": pca.standardization}
-    try:
-        return split_half_reliability(result, **settings)
-    except ValueError:  # fewer than 2 finite components, or constant halves
-        return None
 
 
 def _cell(value: float | None, spec: str) -> str:
