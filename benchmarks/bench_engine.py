@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 from bench.child import child_main, spawn
 from bench.comparisons import compare_devinterp, compare_plain, live_memory
+from bench.many_chains import bench_many_chains
 from bench.memory import LIVE_MMAP_THRESHOLD, mem_text, memory_increase, mib
 from bench.profiling import profile_main
 from bench.report import (
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         return profile_main(args.profile, device, args.threads, args.profile_draws,
                             args.profile_chains)
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    unknown = [n for n in names if n not in WORKLOADS]
+    unknown = [n for n in names if n not in WORKLOADS and n != "many-chains"]
     if unknown:
         parser.error(f"unknown workloads {unknown}; valid: {list(WORKLOADS)}")
     with_devinterp = not args.skip_devinterp and _devinterp_available()
@@ -104,6 +105,11 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         files = {}
         for name in names:
+            if name == "many-chains":
+                checks += [(name, *check) for check in bench_many_chains(
+                    device, args.mc_engine_chains, args.mc_engine_draws,
+                    args.mc_devinterp_chains, args.mc_devinterp_draws, with_devinterp)]
+                continue
             w = WORKLOADS[name]
             if w.gpu_only and not device.startswith("cuda"):
                 print(f"\n== {name}: skipped (GPU-only workload; device is {device})")
@@ -118,7 +124,14 @@ def main(argv=None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="tiny,medium",
-                        help="comma-separated: tiny, medium, paper-scale (GPU only)")
+                        help="comma-separated: tiny, medium, paper-scale (GPU only), "
+                             "many-chains (bench/many_chains.py)")
+    parser.add_argument("--mc-engine-chains", type=int, default=256,
+                        help="many-chains: the engine's chains (fewer than the workload's 256 "
+                             "scales its time up linearly)")
+    parser.add_argument("--mc-engine-draws", type=int, default=2000)
+    parser.add_argument("--mc-devinterp-chains", type=int, default=1)
+    parser.add_argument("--mc-devinterp-draws", type=int, default=100)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--skip-devinterp", action="store_true")
     parser.add_argument("--skip-plain", action="store_true")

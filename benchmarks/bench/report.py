@@ -12,6 +12,9 @@ TARGETS = {
     ("tiny", "devinterp/engine time"): (">=", 10.0),
     ("medium", "devinterp/engine time"): (">=", 1.4),
     ("paper-scale", "devinterp/engine time"): (">=", 10.0),
+    ("many-chains", "engine/floor time"): ("<=", 2.0),
+    ("many-chains", "engine time (s)"): ("<=", 120.0),
+    ("many-chains", "min correlation"): (">=", 0.95),
 }
 MEMORY_RATIO_LIMIT = 1.2  # peak at 200 draws / peak at 50 draws
 
