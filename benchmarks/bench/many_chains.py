@@ -157,7 +157,8 @@ def run_floor(problem: Regression, chains: int, draws: int, device: str, seed: i
 
 
 def engine_inputs(problem: Regression):
-    """The model at ``w*``, the sampling data, the probe, the components and the loss."""
+    """The model at ``w*``, the sampling data, the probe and the components (the loss is
+    :func:`squared_loss`)."""
     from susc_callback import Component, ProbeSet
 
     model = torch.nn.Linear(D_IN, D_OUT, bias=False)
