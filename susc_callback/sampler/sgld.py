@@ -12,25 +12,30 @@ from torch import nn
 from susc_callback.components.component import ResolvedComponent
 
 
-def sgld_update(entries: list[torch.Tensor], grads: list[torch.Tensor],
-                anchors: list[torch.Tensor], *, step_size: float, n_beta: float, gamma: float,
-                generator: torch.Generator) -> None:
-    """One SGLD step, in place, on flat tensors of a component's entries::
+NOISE_BLOCK_STEPS = 256    # steps of noise a chain's generator draws at once, at most
+NOISE_BLOCK_FLOATS = 2**16  # and at most this many numbers per chain (a block's memory)
+
+
+def noise_block_steps(size: int) -> int:
+    """Steps per noise block of a chain of ``size`` entries: set by the size alone, so a
+    chain's noise does not depend on how many chains it is batched with."""
+    return max(1, min(NOISE_BLOCK_STEPS, NOISE_BLOCK_FLOATS // max(size, 1)))
+
+
+def sgld_update(entries: torch.Tensor, grads: torch.Tensor, anchor: torch.Tensor,
+                noise: torch.Tensor, *, step_size: float, n_beta: float, gamma: float) -> None:
+    """One SGLD step, in place, on ``(chains, d)`` entries of one component::
 
         u <- u - (step_size / 2) * (n_beta * grad + gamma * (u - anchor))
-               + sqrt(step_size) * N(0, I)
+               + sqrt(step_size) * noise
 
-    ``entries`` = u, ``grads`` = dL/du of the mean minibatch loss, ``anchors`` = u* (the
-    checkpoint's values). Noise is drawn only for the entries that move, tensor by tensor.
-    The arithmetic uses PyTorch's multi-tensor (``_foreach``) kernels, as ``torch.optim``
-    does: on a GPU each operation is one launch for all of the component's tensors.
+    ``grads`` = dL/du of each chain's mean minibatch loss, ``anchor`` = u* (d,), the
+    checkpoint's values, ``noise`` standard normal. Five kernels for any number of chains.
     """
-    drift = torch._foreach_mul(grads, n_beta)
-    torch._foreach_add_(drift, torch._foreach_sub(entries, anchors), alpha=gamma)
-    noise = [torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
-             for u in entries]
-    torch._foreach_add_(entries, drift, alpha=-step_size / 2)
-    torch._foreach_add_(entries, noise, alpha=math.sqrt(step_size))
+    drift = grads * n_beta
+    drift.add_(entries - anchor, alpha=gamma)
+    entries.add_(drift, alpha=-step_size / 2)
+    entries.add_(noise, alpha=math.sqrt(step_size))
 
 
 def chain_seed(seed: int, *labels: object) -> int:
@@ -47,61 +52,85 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
     return generator
 
 
-class RestrictedChain:
-    """One SGLD chain over the entries of one component of a shared model snapshot.
+class ChainBank:
+    """The chains ``chains`` of one component over a shared model snapshot, as one
+    ``(len(chains), d)`` tensor of the component's entries (its parameters' flat indices,
+    concatenated in order).
 
-    Several chains (components) may live on the same snapshot: the chain's current values
-    are kept apart in ``state`` and written into the parameters only between ``load()``
-    and ``unload()``, which restores the checkpoint's values bit for bit. Entries outside
-    the component are never written.
+    The snapshot keeps the checkpoint's values: a chain's values are written into its
+    parameters only between ``load(j)`` and ``unload()`` (which restores them bit for bit),
+    or into stacked copies of them (:meth:`write_into`). Entries outside the component are
+    never written. Each chain draws its noise from its own generator, seeded by ``(seed,
+    "noise", name, chain)``, in blocks of :func:`noise_block_steps` steps.
     """
 
     def __init__(self, component: ResolvedComponent, params: dict[str, nn.Parameter],
-                 generator: torch.Generator) -> None:
-        self.name = component.name
+                 seed: int, chains: Sequence[int], device: torch.device) -> None:
+        self.name, self.chains = component.name, list(chains)
         self.names = list(component.entries)
         self.params = [params[name] for name in self.names]
         self.indices = [None if index is None else index.to(params[name].device)
                         for name, index in component.entries.items()]
-        self.anchors = [self._read(p, i).clone() for p, i in zip(self.params, self.indices)]
-        self.state = [anchor.clone() for anchor in self.anchors]
-        self.size = sum(anchor.numel() for anchor in self.anchors)
-        self.generator = generator
+        anchors = [self._read(p, i) for p, i in zip(self.params, self.indices)]
+        self.sizes = [len(anchor) for anchor in anchors]
+        self.anchor = torch.cat(anchors).clone()
+        self.state = self.anchor.repeat(len(self.chains), 1)
+        self.size = len(self.anchor)
+        self.generators = [make_generator(device, chain_seed(seed, "noise", self.name, c))
+                           for c in self.chains]
+        self.block = noise_block_steps(self.size)
+        self._noise = torch.empty((len(self.chains), self.block, self.size), device=device)
+        self._next = self.block
+
+    @property
+    def count(self) -> int:
+        return len(self.chains)
+
+    def noise(self) -> torch.Tensor:
+        """The next step's standard normal noise, ``(chains, d)``."""
+        if self._next == self.block:
+            for j, generator in enumerate(self.generators):
+                torch.randn((self.block, self.size), generator=generator, out=self._noise[j])
+            self._next = 0
+        self._next += 1
+        return self._noise[:, self._next - 1]
+
+    def step(self, grads: torch.Tensor, *, step_size: float, n_beta: float,
+             gamma: float) -> None:
+        """One SGLD update of every chain from its ``(chains, d)`` gradient."""
+        sgld_update(self.state, grads, self.anchor, self.noise(), step_size=step_size,
+                    n_beta=n_beta, gamma=gamma)
+
+    def parts(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """``values`` ``(chains, d)`` split per parameter: ``(chains, d_p)`` each."""
+        return list(values.split(self.sizes, dim=1))
+
+    def gather(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(chains, d)``: the component's entries of per-chain full-tensor gradients
+        (``grads[p]`` of shape ``(chains, *param.shape)``, in the order of ``names``)."""
+        return torch.cat([g.reshape(len(g), -1) if i is None else
+                          g.reshape(len(g), -1).index_select(1, i)
+                          for g, i in zip(grads, self.indices)], dim=1)
 
     def mean_squared_displacement(self) -> torch.Tensor:
-        """``|u - u*|^2 / d`` over the chain's ``d`` entries, float64 (a 0-dim tensor on the
-        chain's device: no host synchronisation)."""
-        total = sum(((value.double() - anchor.double()) ** 2).sum()
-                    for value, anchor in zip(self.state, self.anchors))
-        return total / self.size
+        """``|u - u*|^2 / d`` of every chain, ``(chains,)`` float64 (on the device: no
+        host synchronisation)."""
+        return ((self.state.double() - self.anchor.double()) ** 2).sum(1) / self.size
 
-    @staticmethod
-    def _read(param: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        flat = param.detach().reshape(-1)
-        return flat if index is None else flat[index]
-
-    @staticmethod
-    def _scatter(target: torch.Tensor, index: torch.Tensor | None, values: torch.Tensor) -> None:
-        flat = target.view(-1)
+    def write_into(self, name: str, target: torch.Tensor) -> None:
+        """Write every chain's values of parameter ``name`` into ``target``, a
+        ``(chains, *shape)`` tensor holding w*."""
+        position = self.names.index(name)
+        values = self.parts(self.state)[position]
+        flat, index = target.view(len(target), -1), self.indices[position]
         if index is None:
             flat.copy_(values)
         else:
-            flat[index] = values
+            flat[:, index] = values
 
-    def _write(self, values: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for param, index, value in zip(self.params, self.indices, values):
-                self._scatter(param, index, value)
-
-    def write_into(self, name: str, target: torch.Tensor) -> None:
-        """Write the chain's current values of parameter ``name`` into ``target`` (a tensor
-        of the parameter's shape holding w*)."""
-        position = self.names.index(name)
-        self._scatter(target, self.indices[position], self.state[position])
-
-    def load(self) -> None:
-        """Write the chain's current values into the model and make them trainable."""
-        self._write(self.state)
+    def load(self, j: int) -> None:
+        """Write chain ``j``'s values into the snapshot and make them trainable."""
+        self._write(self.parts(self.state[j:j + 1]))
         for param in self.params:
             param.requires_grad_(True)
 
@@ -109,21 +138,30 @@ class RestrictedChain:
         """Restore the checkpoint's values and freeze the parameters again."""
         for param in self.params:
             param.requires_grad_(False)
-        self._write(self.anchors)
+        self._write(self.parts(self.anchor[None]))
 
-    def step(self, grads: Sequence[torch.Tensor], *, step_size: float, n_beta: float,
-             gamma: float) -> None:
-        """Apply one SGLD update from full-tensor gradients of the loaded parameters."""
-        restricted = [self._read(g, i) for g, i in zip(grads, self.indices)]
-        sgld_update(self.state, restricted, self.anchors, step_size=step_size, n_beta=n_beta,
-                    gamma=gamma, generator=self.generator)
+    def _write(self, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for param, index, value in zip(self.params, self.indices, values):
+                flat = param.view(-1)
+                if index is None:
+                    flat.copy_(value[0])
+                else:
+                    flat[index] = value[0]
+
+    def keep(self, rows: list[int]) -> None:
+        """Go on with the chains at ``rows`` only (the others diverged)."""
+        self.chains = [self.chains[j] for j in rows]
+        self.generators = [self.generators[j] for j in rows]
+        self.state, self._noise = self.state[rows], self._noise[rows]
+
+    @staticmethod
+    def _read(param: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        flat = param.detach().reshape(-1)
+        return flat if index is None else flat[index]
 
 
-def restricted_chains(components: Sequence[ResolvedComponent], params: dict[str, nn.Parameter],
-                      seed: int, chain_index: int, device: torch.device
-                      ) -> list[RestrictedChain]:
-    """Chain ``chain_index`` of every component, each with its own noise generator seeded
-    by ``(seed, "noise", name, chain_index)``: a chain's draws do not depend on which other
-    components run beside it."""
-    return [RestrictedChain(c, params, make_generator(
-        device, chain_seed(seed, "noise", c.name, chain_index))) for c in components]
+def chain_banks(components: Sequence[ResolvedComponent], params: dict[str, nn.Parameter],
+                seed: int, chains: Sequence[int], device: torch.device) -> list[ChainBank]:
+    """The chains ``chains`` of every component, one bank per component."""
+    return [ChainBank(c, params, seed, chains, device) for c in components]
