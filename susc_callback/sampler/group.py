@@ -19,23 +19,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from susc_callback.data.rows import batch_rows, repeat_rows, select_rows, take_rows
+from susc_callback.data.rows import batch_rows, select_rows, take_rows
 from susc_callback.data.sampling import LossFn, token_losses
 from susc_callback.sampler.prefix import PrefixReplay
-from susc_callback.sampler.sgld import RestrictedChain
+from susc_callback.sampler.sgld import ChainBank
 from susc_callback.sampler.stacking import StackedModules, StackingUnsupported, parameter_owners
 
 
 @dataclass
 class ChainStep:
-    """What one chain needs from one step: its minibatch loss and gradients, and at a draw
-    the observable loss ``L`` and probe token losses ``l`` (P,)."""
+    """What the ``n`` chains of a bank need from one step: their minibatch losses ``(n,)``
+    and gradients ``(n, d)``, and at a draw the observable losses ``L`` ``(n,)``, probe
+    token losses ``l`` ``(n, P)`` and each observable sequence's mean loss ``(n, S)``."""
 
     loss: torch.Tensor
-    grads: list[torch.Tensor]
+    grads: torch.Tensor
     observable: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
-    sequence_losses: torch.Tensor | None = None  # (S,): each observable sequence's mean
+    sequence_losses: torch.Tensor | None = None
 
 
 Captured = list[tuple[dict, torch.Tensor | None]]
@@ -77,11 +78,14 @@ class GroupLosses:
                                                                     batch))
 
     def _passes(self, batch: dict, hidden: torch.Tensor | None,
-                stack: StackedModules | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                stack: StackedModules | None, source: torch.Tensor | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Forward passes over ``batch``: per-sample losses and validity ``(G, rows, K)``.
 
-        One chain at a time, the batch is one pass as given. With ``G`` stacked chains every
-        row is repeated ``G`` times, in slices of at most ``max_rows`` rows in all."""
+        One chain at a time, the batch is one pass as given. With ``G`` stacked chains,
+        copy ``j`` gets the rows of block ``source[j]`` of ``batch`` (blocks of ``rows``
+        rows; None: every copy the whole batch), in slices of at most ``max_rows`` rows in
+        all."""
         if stack is None:
             with self.prefix.replay(self.depth, hidden):
                 losses, valid = token_losses(self.loss_fn, self.model, batch)
@@ -90,18 +94,28 @@ class GroupLosses:
         if any(isinstance(value, (list, tuple)) for value in batch.values()):
             raise StackingUnsupported("the batch holds per-sample values that are not tensors, "
                                       "which cannot be repeated per chain")
-        copies, rows = stack.count, batch_rows(batch) or 1
+        copies, total = stack.count, batch_rows(batch) or 1
+        if source is None:
+            source = torch.zeros(copies, dtype=torch.long)
+        source = source.to(self.prefix_device(batch))
+        rows = total // (int(source.max()) + 1) if len(source) else total
         step = rows if self.max_rows is None else max(1, min(rows, self.max_rows // copies))
         for start in range(0, rows, step):
             size = min(step, rows - start)
-            part, part_hidden = batch, hidden
-            if size < rows:
-                part, part_hidden = (select_rows(value, rows, start, size)
-                                     for value in (batch, hidden))
-            part, part_hidden = (repeat_rows(value, size, copies) for value in (part, part_hidden))
+            index = (source[:, None] * rows + torch.arange(start, start + size,
+                                                          device=source.device)).flatten()
+            part, part_hidden = (take_rows(value, total, index) for value in (batch, hidden))
             with self.prefix.replay(self.depth, part_hidden), stack.applied(size * copies):
                 losses, valid = token_losses(self.loss_fn, self.model, part)
             yield losses.reshape(copies, size, -1), valid.reshape(copies, size, -1)
+
+    @staticmethod
+    def prefix_device(batch: dict) -> torch.device:
+        """The device of the batch's tensors."""
+        for value in batch.values():
+            if isinstance(value, torch.Tensor):
+                return value.device
+        return torch.device("cpu")
 
     def token_losses(self, batch: dict, hidden: torch.Tensor | None,
                      stack: StackedModules | None = None
@@ -114,14 +128,15 @@ class GroupLosses:
         return torch.cat(losses, 1).flatten(1), torch.cat(valid, 1).flatten(1)
 
     def loss_and_grads(self, batch: dict, hidden: torch.Tensor | None,
-                       inputs: list[torch.Tensor], stack: StackedModules | None = None
+                       inputs: list[torch.Tensor], stack: StackedModules | None = None,
+                       source: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Mean loss of ``batch`` per chain, ``(G,)``, and its gradients with respect to
         ``inputs`` (the loaded parameters, or the ``(G, ...)`` stacked values: row ``j`` is
         chain ``j``'s). Each slice is differentiated as soon as it is computed, so only one
         slice's graph is alive at a time; inputs the loss does not use get zeros."""
         total, count, grads = 0.0, 0, [torch.zeros_like(x) for x in inputs]
-        for losses, valid in self._passes(batch, hidden, stack):
+        for losses, valid in self._passes(batch, hidden, stack, source):
             part = torch.where(valid, losses, 0.0).flatten(1).sum(-1)
             if part.requires_grad:
                 part_grads = torch.autograd.grad(part.sum(), inputs, allow_unused=True,
@@ -180,95 +195,127 @@ class GroupLosses:
                         take_rows(hidden, valid.shape[0], rows))
         raise ValueError("The probe set has no valid tokens")
 
-    def evaluate_sequential(self, chains: list[RestrictedChain], batch: dict,
-                            hidden: torch.Tensor | None, draw: bool,
-                            observable: Captured | None) -> list[ChainStep]:
+    def evaluate_sequential(self, banks: list[ChainBank], batch: dict,
+                            hidden: torch.Tensor | None, source: torch.Tensor | None,
+                            draw: bool, observable: Captured | None) -> list[ChainStep]:
         """One chain at a time: load its values, forward/backward, evaluate, restore ``w*``.
-        At a draw the observable loss is the mean over ``observable`` (None: the
-        minibatch's)."""
-        steps = []
-        for chain in chains:
-            chain.load()
-            try:
-                loss, grads = self.loss_and_grads(batch, hidden, chain.params)
-                step = ChainStep(loss[0], grads)
-                if draw:
-                    with torch.no_grad():
-                        found, sequences = self._draw_observable(loss, observable)
-                        step.observable = found[0]
-                        step.sequence_losses = None if sequences is None else sequences[0]
-                        step.tokens = self.probe_losses()[0]
-            finally:
-                chain.unload()
-            steps.append(step)
+        Copy ``j`` (the banks' chains in order) takes block ``source[j]`` of the batch's
+        rows (None: the whole batch). At a draw the observable loss is the mean over
+        ``observable`` (None: the minibatch's)."""
+        steps, copy = [], 0
+        blocks = 1 if source is None else int(source.max()) + 1
+        total = batch_rows(batch) or 1
+        rows = total // blocks
+        for bank in banks:
+            outputs = []
+            for j in range(bank.count):
+                part, part_hidden = batch, hidden
+                if source is not None and blocks > 1:
+                    start = int(source[copy]) * rows
+                    part, part_hidden = (select_rows(value, total, start, rows)
+                                         for value in (batch, hidden))
+                outputs.append(self._evaluate_loaded(bank, j, part, part_hidden, draw,
+                                                     observable))
+                copy += 1
+            steps.append(ChainStep(*(None if values[0] is None else torch.stack(values)
+                                     for values in zip(*outputs))))
         return steps
 
-    def evaluate_stacked(self, chains: list[RestrictedChain], batch: dict,
+    def _evaluate_loaded(self, bank: ChainBank, j: int, batch: dict,
                          hidden: torch.Tensor | None, draw: bool,
-                         observable: Captured | None) -> list[ChainStep]:
-        """All chains at once, as one batch of ``G x B`` rows over their stacked values."""
-        names = list(dict.fromkeys(name for chain in chains for name in chain.names))
-        values = {name: _stack(self.model.get_parameter(name), name, chains).requires_grad_()
+                         observable: Captured | None) -> tuple:
+        """Chain ``j`` of ``bank`` alone: loss, gradient (d,), and at a draw the observable,
+        probe token and per-sequence losses."""
+        bank.load(j)
+        try:
+            loss, grads = self.loss_and_grads(batch, hidden, bank.params)
+            gradient = bank.gather([g[None] for g in grads])[0]
+            if not draw:
+                return loss[0], gradient, None, None, None
+            with torch.no_grad():
+                found, sequences = self._draw_observable(loss, observable)
+                return (loss[0], gradient, found[0], self.probe_losses()[0],
+                        None if sequences is None else sequences[0])
+        finally:
+            bank.unload()
+
+    def evaluate_stacked(self, banks: list[ChainBank], batch: dict,
+                         hidden: torch.Tensor | None, source: torch.Tensor | None,
+                         draw: bool, observable: Captured | None) -> list[ChainStep]:
+        """All chains of ``banks`` at once, as one batch of ``G x B`` rows over their
+        stacked values (copy ``j`` on block ``source[j]`` of the batch's rows)."""
+        names = list(dict.fromkeys(name for bank in banks for name in bank.names))
+        values = {name: _stack(self.model.get_parameter(name), name, banks).requires_grad_()
                   for name in names}
         stack = StackedModules(self.model, values, self.owners)
-        losses, grads = self.loss_and_grads(batch, hidden, list(values.values()), stack)
+        losses, grads = self.loss_and_grads(batch, hidden, list(values.values()), stack,
+                                            source)
         by_name = dict(zip(names, grads))
         observables = tokens = sequences = None
         if draw:
             with torch.no_grad():
                 observables, sequences = self._draw_observable(losses, observable, stack)
                 tokens = self.probe_losses(stack)
-        steps = []
-        for j, chain in enumerate(chains):
-            step = ChainStep(losses[j], [by_name[name][j] for name in chain.names])
+        steps, start = [], 0
+        for bank in banks:
+            rows = slice(start, start + bank.count)
+            step = ChainStep(losses[rows], bank.gather([by_name[n][rows] for n in bank.names]))
             if draw:
-                step.observable, step.tokens = observables[j], tokens[j]
-                step.sequence_losses = None if sequences is None else sequences[j]
+                step.observable, step.tokens = observables[rows], tokens[rows]
+                step.sequence_losses = None if sequences is None else sequences[rows]
             steps.append(step)
+            start += bank.count
         return steps
 
-    def check_stacking(self, chains: list[RestrictedChain]) -> None:
-        """Raise :class:`StackingUnsupported` unless stacked evaluation of ``chains``
+    def check_stacking(self, banks: list[ChainBank]) -> None:
+        """Raise :class:`StackingUnsupported` unless stacked evaluation of ``banks``
         reproduces one-at-a-time evaluation (mean loss and gradients on ``CHECK_SEQUENCES``
-        probe sequences) with the chains moved apart, chain ``j``'s entries shifted by
+        probe sequences) with the chains moved apart, copy ``j`` of ``G`` shifted by
         ``0.01 (1 + j / G)``. Stacking is exact only when every use of a stacked parameter
         goes through its module's forward on the batch rows and the loss treats samples one
         by one, which module types and call shapes alone cannot prove (e.g. a tied weight
         read directly). What it checks is structural, so a few sequences show it."""
         chunk, hidden = self.probe_sample(CHECK_SEQUENCES)
-        states = [chain.state for chain in chains]
+        states = [bank.state for bank in banks]
+        copies = sum(bank.count for bank in banks)
         try:
-            for j, chain in enumerate(chains):
-                shift = 0.01 * (1 + j / len(chains))
-                chain.state = [value + shift for value in chain.state]
-            sequential = self.evaluate_sequential(chains, chunk, hidden, False, None)
+            start = 0
+            for bank in banks:
+                shift = 0.01 * (1 + torch.arange(start, start + bank.count,
+                                                 device=bank.state.device) / copies)
+                bank.state = bank.state + shift[:, None]
+                start += bank.count
+            sequential = self.evaluate_sequential(banks, chunk, hidden, None, False, None)
             try:
-                stacked = self.evaluate_stacked(chains, chunk, hidden, False, None)
+                stacked = self.evaluate_stacked(banks, chunk, hidden, None, False, None)
             except (StackingUnsupported, torch.OutOfMemoryError):
                 raise
             except Exception as error:  # any other failure means: do not stack
                 raise StackingUnsupported(f"stacked evaluation failed "
                                           f"({type(error).__name__}: {error})") from error
         finally:
-            for chain, state in zip(chains, states):
-                chain.state = state
-        for chain, one, other in zip(chains, stacked, sequential):
-            same = torch.allclose(one.loss, other.loss, rtol=1e-4, atol=1e-6) and all(
-                torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
-                for a, b in zip(one.grads, other.grads))
+            for bank, state in zip(banks, states):
+                bank.state = state
+        for bank, one, other in zip(banks, stacked, sequential):
+            same = torch.allclose(one.loss, other.loss, rtol=1e-4, atol=1e-6) and \
+                torch.allclose(one.grads, other.grads, rtol=1e-3,
+                               atol=1e-4 * float(other.grads.abs().max()))
             if not same:
                 raise StackingUnsupported(
-                    f"stacked evaluation of {chain.name!r} differs from evaluating it alone "
-                    f"(loss {float(one.loss):.6g} vs {float(other.loss):.6g}): a parameter of "
-                    "it may be used outside its module's forward, or the loss may couple "
-                    "samples")
+                    f"stacked evaluation of {bank.name!r} differs from evaluating it alone "
+                    f"(loss {float(one.loss[0]):.6g} vs {float(other.loss[0]):.6g}): a "
+                    "parameter of it may be used outside its module's forward, or the loss "
+                    "may couple samples")
 
 
-def _stack(param: torch.Tensor, name: str, chains: list[RestrictedChain]) -> torch.Tensor:
-    """``(G, *shape)``: copy ``j`` holds chain ``j``'s values of parameter ``name`` (w*
-    where chain ``j`` does not own the entries)."""
-    stacked = param.detach().unsqueeze(0).repeat(len(chains), *([1] * param.dim()))
-    for j, chain in enumerate(chains):
-        if name in chain.names:
-            chain.write_into(name, stacked[j])
+def _stack(param: torch.Tensor, name: str, banks: list[ChainBank]) -> torch.Tensor:
+    """``(G, *shape)``: copy ``j`` holds the ``j``-th chain's (of the banks' chains, in
+    order) values of parameter ``name`` (w* where that chain does not own the entries)."""
+    copies = sum(bank.count for bank in banks)
+    stacked = param.detach().unsqueeze(0).repeat(copies, *([1] * param.dim()))
+    start = 0
+    for bank in banks:
+        if name in bank.names:
+            bank.write_into(name, stacked[start:start + bank.count])
+        start += bank.count
     return stacked
