@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from susc_callback.sampler.sgld import noise_block_steps  # a convention (block size), not math
+
 Masks = dict[str, "torch.Tensor | None"]
 
 
@@ -51,11 +53,21 @@ def reference_chain(model: nn.Module, masks: Masks, next_batch: Callable[[], dic
 
         u <- u - step_size / 2 * (n_beta * grad + gamma * (u - u*)) + sqrt(step_size) * xi
 
-    on the component's entries, ``xi`` drawn from ``noise`` for those entries only."""
+    on the component's entries, ``xi`` drawn from ``noise`` for those entries only: the
+    engine's convention, a block of ``(B, d)`` standard normals every ``B`` steps
+    (``B = noise_block_steps(d)``, ``d`` the component's entries), row ``t mod B`` for step
+    ``t``, split over the parameters in the order of ``masks``."""
     work = copy.deepcopy(model).float().eval()
     params = dict(work.named_parameters())
     start = {name: p.detach().clone() for name, p in params.items()}
+    sizes = [params[name].numel() if mask is None else int(mask.sum())
+             for name, mask in masks.items()]
+    block = noise_block_steps(sum(sizes))
+    device = next(iter(params.values())).device
     for step in range(num_steps):
+        if step % block == 0:
+            rows = torch.randn((block, sum(sizes)), generator=noise, device=device)
+        xis = rows[step % block].split(sizes)
         batch = next_batch()
         losses, valid = causal_token_losses(work, batch["input_ids"],
                                             batch.get("attention_mask"))
@@ -66,11 +78,10 @@ def reference_chain(model: nn.Module, masks: Masks, next_batch: Callable[[], dic
             with torch.no_grad():
                 on_draw(work)
         with torch.no_grad():
-            for name, mask in masks.items():
+            for (name, mask), xi in zip(masks.items(), xis):
                 p = params[name]
                 chosen = torch.ones_like(p, dtype=torch.bool) if mask is None else mask
                 u, u0 = p[chosen], start[name][chosen]
-                xi = torch.randn(u.shape, generator=noise, device=p.device)
                 p[chosen] = u - step_size / 2 * (n_beta * p.grad[chosen] + gamma * (u - u0)) \
                     + math.sqrt(step_size) * xi
 

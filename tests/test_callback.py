@@ -205,17 +205,16 @@ def test_a_diverging_component_is_marked_and_training_goes_on(tmp_path, probe):
 
 def test_a_diverging_component_is_saved_as_failed(tmp_path, probe, monkeypatch):
     """Only one component's chains blow up: it is saved as failed, the others are kept."""
-    from susc_callback.sampler.sgld import RestrictedChain
+    from susc_callback.sampler.sgld import ChainBank
 
-    step = RestrictedChain.step
+    step = ChainBank.step
 
     def exploding(self, grads, **kwargs):
         step(self, grads, **kwargs)
         if self.name == "l1h0":
-            for value in self.state:
-                value.fill_(float("nan"))
+            self.state.fill_(float("nan"))
 
-    monkeypatch.setattr(RestrictedChain, "step", exploding)
+    monkeypatch.setattr(ChainBank, "step", exploding)
     callback = make_callback(probe, tmp_path / "tb", schedule=[2])
     with pytest.warns(RuntimeWarning, match="l1h0"):
         make_trainer(tmp_path / "out", [callback], max_steps=2).train()

@@ -44,22 +44,26 @@ def test_divergence_marked_and_other_components_kept(gpt2, probe, sampling_ids, 
 
 
 def test_divergence_watch_reports_the_first_bad_step_of_each_chain_once():
-    """Flags are read in blocks of steps; the first bad step and value are named."""
+    """Flags are read in blocks of steps; the first bad step, chain and value are named;
+    a chain is reported once, the other chains of its bank are not reported."""
     watch = DivergenceWatch(num_steps=40, device=torch.device("cpu"))
-    finite, loss = [torch.ones(3), torch.ones(2, 2)], torch.tensor(2.0)
+    loss = torch.tensor([2.0, 2.0])
     for step in range(40):
-        tokens = torch.ones(5, dtype=torch.float64)  # a loss_fn may return any float dtype
+        tokens = torch.ones(2, 5, dtype=torch.float64)  # any float dtype
         if step >= 22:
-            tokens[3] = float("nan")
-        weights = [torch.ones(3), torch.tensor([[1.0, -float("inf")], [0.0, 0.0]])] \
-            if step >= 30 else finite
+            tokens[1, 3] = float("nan")
+        weights = torch.ones(2, 6)
+        if step >= 30:
+            weights[0, 4] = -float("inf")
         draw = step % 2 == 0  # observable and tokens only at draws
-        watch.record("a", step, loss if draw else None, tokens if draw else None, loss, finite)
-        watch.record("b", step, None, None, loss, weights)
+        watch.record("a", [0, 5], step, loss if draw else None, tokens if draw else None,
+                     loss, torch.ones(2, 3))
+        watch.record("b", [0, 5], step, None, None, loss, weights)
         if step == 15:
             assert watch.diverged(16) == []
-    assert watch.diverged(40) == [("a", 22, "non-finite probe token losses"),
-                                  ("b", 30, "non-finite weights")]
+        if step == 35:
+            assert watch.diverged(36) == [("a", 5, 22, "non-finite probe token losses"),
+                                          ("b", 0, 30, "non-finite weights")]
     assert watch.diverged(40) == []
 
 

@@ -61,8 +61,9 @@ def test_engine_matches_brute_force_reference(gpt2, probe, sampling_ids, config,
         # Losses (~4 nats) are float32: one ulp is 4.8e-7, and the two implementations sum
         # tokens in different orders, so phi and chi agree to a few ulps, not bitwise.
         np.testing.assert_allclose(result.chi[row], chi.numpy(), rtol=1e-4, atol=2e-6)
-        assert not np.allclose(result.chi[row], (chi - correction).numpy(), rtol=1e-4,
-                               atol=2e-6)  # the test sees the correction
+        # the test sees the correction (a uniform shift): the engine is nearer to chi than
+        # half of it
+        assert np.abs(result.chi[row] - chi.numpy()).max() < abs(float(correction)) / 2
         np.testing.assert_allclose(result.mean_phi[row], phi.mean().item(), rtol=1e-4, atol=2e-6)
         # The covariance part, -Cov_C(phi, l_x - L) with the 1/n (population) normalisation,
         # and the baseline correction that makes up the rest of chi.

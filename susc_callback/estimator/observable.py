@@ -81,11 +81,12 @@ class ChainObservable:
         return totals[0].sum() / counts[0].sum()
 
     def diagonal(self, sequence_losses: torch.Tensor | None) -> torch.Tensor | None:
-        """``sum_s w_s phi_s l_s`` of a draw's per-sequence losses (None: no set)."""
+        """``sum_s w_s phi_s l_s`` of a draw's per-sequence losses ``(n, S)`` of ``n``
+        chains, ``(n,)`` (None: no set)."""
         if sequence_losses is None or self.weights is None:
             return None
         return (self.weights * (sequence_losses - self.sequence_anchors)
-                * sequence_losses).sum()
+                * sequence_losses).sum(-1)
 
     def at(self, draw: int | None, batch: dict, hidden: torch.Tensor | None) -> None:
         """Move to SGLD step whose draw is ``draw`` (None: no draw) and minibatch ``batch``

@@ -23,12 +23,15 @@ FULL = "full"
 @dataclass(frozen=True)
 class GroupPlan:
     """A prefix group: components that leave the same ``depth`` leading blocks frozen,
-    their losses with that prefix replayed, and whether their chains are stacked."""
+    their losses with that prefix replayed, the members whose chains are stacked, and
+    how many chain indices advance together (``chain_batch``; all members stacked when
+    more than 1)."""
 
     depth: int
     members: tuple[ResolvedComponent, ...]
     losses: GroupLosses
-    stacked: bool
+    stacked: frozenset[str]
+    chain_batch: int = 1
 
 
 @dataclass(frozen=True)

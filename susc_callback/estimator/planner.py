@@ -24,10 +24,14 @@ from susc_callback.data.sampling import LossFn, SamplingData, token_losses
 from susc_callback.estimator.checks import check_finite_at_optimum, check_fits_model
 from susc_callback.estimator.observable import seeded_chunks
 from susc_callback.estimator.plan import FULL, EstimatePlan, GroupPlan, OptimumDraw
-from susc_callback.estimator.stacking_policy import StackLimit, decide_stacking
+from susc_callback.estimator.stacking_policy import (
+    StackLimit,
+    decide_chain_batch,
+    decide_stacking,
+)
 from susc_callback.sampler.group import GroupLosses
 from susc_callback.sampler.prefix import PrefixReplay
-from susc_callback.sampler.sgld import restricted_chains
+from susc_callback.sampler.sgld import chain_banks
 
 
 def plan_estimate(model: nn.Module, components: list[ResolvedComponent], data: SamplingData,
@@ -67,9 +71,15 @@ def plan_estimate(model: nn.Module, components: list[ResolvedComponent], data: S
             losses = group_losses(depth, observable_chunks if config.observable == "fixed"
                                   else [])
         restricted = [c for c in members if c.name != FULL]
-        check_chains = restricted_chains(restricted, params, config.seed, 0, device)
-        stacked = decide_stacking(model, members, check_chains, losses, config, device, limit)
-        groups.append(GroupPlan(depth, tuple(members), losses, stacked))
+        chain_batch = decide_chain_batch(model, members, losses, config, len(data), device,
+                                         limit)
+        if chain_batch > 1:
+            stacked = frozenset(c.name for c in members)
+        else:
+            check = chain_banks(restricted, params, config.seed, [0], device)
+            stacked = frozenset(c.name for c in restricted) if decide_stacking(
+                model, members, check, losses, config, device, limit) else frozenset()
+        groups.append(GroupPlan(depth, tuple(members), losses, stacked, chain_batch))
     return EstimatePlan(model, loss_fn, tuple(everything), tuple(groups), token_sequence,
                         token_position, anchor, optimum_draw, limit.limit)
 

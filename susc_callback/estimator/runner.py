@@ -22,18 +22,13 @@ from susc_callback.estimator.plan import FULL, EstimatePlan, OptimumDraw
 from susc_callback.estimator.stacking_policy import StackLimit, refuse_stacking
 from susc_callback.estimator.sums import DrawSums
 from susc_callback.sampler.divergence import ChainDivergedError, DivergenceWatch
-from susc_callback.sampler.group import Captured, ChainStep
-from susc_callback.sampler.sgld import (
-    RestrictedChain,
-    chain_seed,
-    make_generator,
-    restricted_chains,
-)
+from susc_callback.sampler.group import Captured, ChainStep, GroupLosses
+from susc_callback.sampler.sgld import ChainBank, chain_banks, chain_seed, make_generator
 from susc_callback.sampler.stacking import StackingUnsupported
 
 DIVERGENCE_READ_EVERY = 16  # steps between reads of the divergence flags (each waits for
                             # the device)
-Evaluated = list[tuple[RestrictedChain, ChainStep]]
+Evaluated = list[tuple[ChainBank, ChainStep]]
 
 
 class ChainRunner:
@@ -51,7 +46,7 @@ class ChainRunner:
         self.moments = moments
         self.params = dict(plan.model.named_parameters())
         self.failed: dict[str, str] = {}
-        self.stacked = [group.stacked for group in plan.groups]
+        self.stacked = [group.stacked for group in plan.groups]  # names of stacked members
         self.limit = StackLimit(plan.stack_limit, device)
 
     def run(self, chain_indices: list[int], progress: Callable[[int], None]
@@ -62,32 +57,34 @@ class ChainRunner:
         sums = {c.name: DrawSums(self.plan.num_tokens, cfg.num_chains, cfg.num_draws,
                                  self.device, self.moments() if self.moments else None, kappa)
                 for c in self.plan.components}
-        for chain_index in chain_indices:
-            for group_index in range(len(self.plan.groups)):
-                self._run_chain(group_index, chain_index, sums, progress)
+        for group_index, group in enumerate(self.plan.groups):
+            size = group.chain_batch
+            for start in range(0, len(chain_indices), size):
+                self._run_chains(group_index, chain_indices[start:start + size], sums,
+                                 progress)
         return sums
 
-    def _run_chain(self, group_index: int, chain_index: int, sums: dict[str, DrawSums],
-                   progress: Callable[[int], None]) -> None:
+    def _run_chains(self, group_index: int, chain_indices: list[int],
+                    sums: dict[str, DrawSums], progress: Callable[[int], None]) -> None:
+        """Chains ``chain_indices`` of every member of a group, advanced together (more
+        than one chain index only where they share every minibatch and observable)."""
         cfg, group = self.config, self.plan.groups[group_index]
-        observable = ChainObservable(cfg, self.data, group.losses, chain_index,
+        observable = ChainObservable(cfg, self.data, group.losses, chain_indices[0],
                                      self.plan.anchor, self.device)
         members = [c for c in group.members if c.name not in self.failed]
-        chains = restricted_chains(members, self.params, cfg.seed, chain_index, self.device)
-        batches = EpochSampler(len(self.data), cfg.batch_size, make_generator(
-            torch.device("cpu"), chain_seed(cfg.seed, "batches", chain_index)))
+        banks = chain_banks(members, self.params, cfg.seed, chain_indices, self.device)
+        batches = MinibatchStream(self.data, cfg, chain_indices[0], group.losses, self.device)
         watch = DivergenceWatch(cfg.num_steps, self.device)
         for step_index in range(cfg.num_steps):
-            batch = self.data.batch(batches.next(), self.device)
+            batch, hidden = batches.next()
             draw = cfg.draw_at(step_index)
             with torch.no_grad():
-                hidden = group.losses.capture(batch)
                 observable.at(draw, batch, hidden)
             shared_draw = self.plan.optimum_draw if step_index == 0 else None
             evaluate_draw = draw is not None and shared_draw is None
             step = (group_index, batch, hidden, evaluate_draw, observable.chunks)
             try:
-                evaluated = self._evaluate(chains, *step)
+                evaluated = self._evaluate(banks, *step)
             except Exception:
                 # A chain that diverged since the last read may have made a loss_fn raise
                 # on its non-finite weights: report it and retry the step without it
@@ -95,77 +92,104 @@ class ChainRunner:
                 diverged = watch.diverged(step_index)
                 if not diverged:
                     raise
-                chains = self._drop_diverged(chains, diverged, chain_index, sums)
-                evaluated = self._evaluate(chains, *step)
+                banks = self._drop_diverged(banks, diverged, sums, watch)
+                evaluated = self._evaluate(banks, *step)
             if shared_draw is not None:
                 _share_draw(evaluated, shared_draw, observable)
-            for chain, output in evaluated:
-                self._advance(chain, output, chain_index, step_index, draw, observable,
-                              sums[chain.name], watch)
+            for bank, output in evaluated:
+                self._advance(bank, output, step_index, draw, observable, sums[bank.name],
+                              watch)
             if (step_index + 1) % DIVERGENCE_READ_EVERY == 0 or step_index + 1 == cfg.num_steps:
-                chains = self._drop_diverged(chains, watch.diverged(step_index + 1),
-                                             chain_index, sums)
-            progress(len(group.members))
+                banks = self._drop_diverged(banks, watch.diverged(step_index + 1), sums, watch)
+            progress(len(members) * len(chain_indices))
 
-    def _evaluate(self, chains: list[RestrictedChain], group_index: int, batch: dict,
+    def _evaluate(self, banks: list[ChainBank], group_index: int, batch: dict,
                   hidden: torch.Tensor | None, draw: bool, observable: Captured | None
                   ) -> Evaluated:
-        """Every chain's step outputs (at a draw, ``L`` over ``observable``; None: the
-        minibatch). The full chain runs alone; the others one at a time, or stacked in
-        parts of the stack limit."""
+        """Every bank's step outputs (at a draw, ``L`` over ``observable``; None: the
+        minibatch). The group's stacked banks run stacked in parts of the stack limit, the
+        others one chain at a time."""
         losses = self.plan.groups[group_index].losses
-        restricted = [c for c in chains if c.name != FULL]
-        full = [c for c in chains if c.name == FULL]
-        pairs = list(zip(full, losses.evaluate_sequential(full, batch, hidden, draw,
-                                                          observable)))
-        done = 0
-        if self.stacked[group_index]:
-            def stacked(part: list[RestrictedChain]) -> list[ChainStep]:
-                return losses.evaluate_stacked(part, batch, hidden, draw, observable)
+        stacked = self.stacked[group_index]
+        pairs: Evaluated = []
+        rest = [bank for bank in banks if bank.name not in stacked]
+        if stacked:
+            together = [bank for bank in banks if bank.name in stacked]
 
+            def evaluate(part: list[ChainBank]) -> list[ChainStep]:
+                return losses.evaluate_stacked(part, batch, hidden, None, draw, observable)
+
+            done = 0
             try:
-                for part, outputs in self.limit.parts(restricted, stacked):
+                for part, outputs in self.limit.parts(together, evaluate):
                     pairs += zip(part, outputs)
                     done += len(part)
             except StackingUnsupported as error:
                 refuse_stacking(self.config, str(error))
-                self.stacked[group_index] = False  # for the group's later chains too
-        rest = restricted[done:]
-        return pairs + list(zip(rest, losses.evaluate_sequential(rest, batch, hidden, draw,
-                                                                 observable)))
+                self.stacked[group_index] = frozenset()  # for the group's later chains too
+            rest = together[done:] + rest
+        return pairs + list(zip(rest, losses.evaluate_sequential(rest, batch, hidden, None,
+                                                                 draw, observable)))
 
-    def _advance(self, chain: RestrictedChain, output: ChainStep, chain_index: int,
-                 step_index: int, draw: int | None, observable: ChainObservable,
-                 sums: DrawSums, watch: DivergenceWatch) -> None:
+    def _advance(self, bank: ChainBank, output: ChainStep, step_index: int, draw: int | None,
+                 observable: ChainObservable, sums: DrawSums, watch: DivergenceWatch) -> None:
         """Record a draw and apply the SGLD update; non-finite values are flagged in
         ``watch`` (a diverged chain's draws only reach its own component's sums)."""
         cfg = self.config
         if draw is not None:
-            sums.add(chain_index, draw, output.observable, observable.anchor, output.tokens,
-                     chain.mean_squared_displacement(),
+            sums.add(bank.chain_index, draw, output.observable, observable.anchor,
+                     output.tokens, bank.mean_squared_displacement(),
                      observable.diagonal(output.sequence_losses))
-        chain.step(output.grads, step_size=cfg.step_size, n_beta=cfg.n_beta, gamma=cfg.gamma)
-        watch.record(chain.name, step_index, output.observable if draw is not None else None,
-                     output.tokens if draw is not None else None, output.loss, chain.state)
+        bank.step(output.grads, step_size=cfg.step_size, n_beta=cfg.n_beta, gamma=cfg.gamma)
+        watch.record(bank.name, bank.chains, step_index,
+                     output.observable if draw is not None else None,
+                     output.tokens if draw is not None else None, output.loss, bank.state)
 
-    def _drop_diverged(self, chains: list[RestrictedChain],
-                       diverged: list[tuple[str, int, str]], chain_index: int,
-                       sums: dict[str, DrawSums]) -> list[RestrictedChain]:
+    def _drop_diverged(self, banks: list[ChainBank],
+                       diverged: list[tuple[str, int, int, str]], sums: dict[str, DrawSums],
+                       watch: DivergenceWatch) -> list[ChainBank]:
         """Report diverged chains, earliest first (raising where ``on_divergence`` or the
         full chain requires it), blank their draws from the first bad step on, and return
-        the others."""
+        the banks of the other components (a component with a diverged chain fails)."""
         cfg = self.config
-        for name, bad_step, problem in sorted(diverged, key=lambda found: found[1]):
-            error = ChainDivergedError(name, chain_index, bad_step, problem)
+        for name, chain, bad_step, problem in sorted(diverged, key=lambda found: found[2]):
+            error = ChainDivergedError(name, chain, bad_step, problem)
             if cfg.on_divergence == "raise" or name == FULL:
                 raise error
-            self.failed[name] = str(error)
+            self.failed.setdefault(name, str(error))
             warnings.warn(str(error), RuntimeWarning, stacklevel=3)
             first_bad_draw = -(-max(bad_step - cfg.num_burnin, 0) // cfg.steps_between_draws)
             for trace in (sums[name].loss_trace, sums[name].probe_trace):
-                trace[chain_index, first_bad_draw:] = float("nan")
-        names = {name for name, _, _ in diverged}
-        return [c for c in chains if c.name not in names]
+                trace[chain, first_bad_draw:] = float("nan")
+            watch.forget(name)
+        names = {found[0] for found in diverged}
+        return [bank for bank in banks if bank.name not in names]
+
+
+class MinibatchStream:
+    """The minibatches of chain ``chain_index`` (seeded by ``(seed, "batches", chain)``)
+    with their frozen prefix's outputs. With ``batch_size >= N`` every step's minibatch
+    is the whole data set in its order, the same for every chain: collated and captured
+    once."""
+
+    def __init__(self, data: SamplingData, config: SGLDConfig, chain_index: int,
+                 losses: GroupLosses, device: torch.device) -> None:
+        self.data, self.losses, self.device = data, losses, device
+        self.whole = config.batch_size >= len(data)
+        self.fixed: tuple[dict, torch.Tensor | None] | None = None
+        self.sampler = EpochSampler(len(data), config.batch_size, make_generator(
+            torch.device("cpu"), chain_seed(config.seed, "batches", chain_index)))
+
+    def next(self) -> tuple[dict, torch.Tensor | None]:
+        if self.whole and self.fixed is not None:
+            return self.fixed
+        indices = torch.arange(len(self.data)) if self.whole else self.sampler.next()
+        batch = self.data.batch(indices, self.device)
+        with torch.no_grad():
+            pair = (batch, self.losses.capture(batch))
+        if self.whole:
+            self.fixed = pair
+        return pair
 
 
 def _share_draw(evaluated: Evaluated, draw: OptimumDraw, observable: ChainObservable
@@ -177,6 +201,8 @@ def _share_draw(evaluated: Evaluated, draw: OptimumDraw, observable: ChainObserv
     if value is None and observable.chunks is not None:
         value = observable.anchor
     for _, output in evaluated:
-        output.observable = output.loss if value is None else value
-        output.tokens = draw.tokens
-        output.sequence_losses = observable.sequence_optimum
+        count = len(output.loss)
+        output.observable = output.loss if value is None else value.expand(count)
+        output.tokens = draw.tokens.expand(count, -1)
+        output.sequence_losses = None if observable.sequence_optimum is None else \
+            observable.sequence_optimum.expand(count, -1)

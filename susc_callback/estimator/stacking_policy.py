@@ -19,7 +19,7 @@ from susc_callback.components.component import ResolvedComponent
 from susc_callback.config import SGLDConfig
 from susc_callback.estimator.plan import FULL
 from susc_callback.sampler.group import GroupLosses
-from susc_callback.sampler.sgld import RestrictedChain
+from susc_callback.sampler.sgld import ChainBank, chain_banks
 from susc_callback.sampler.stacking import StackingUnsupported, stacking_blocker
 
 
@@ -29,23 +29,28 @@ class StackLimit:
     def __init__(self, limit: int, device: torch.device) -> None:
         self.limit, self.device = limit, device
 
-    def parts(self, chains: list[RestrictedChain],
-              evaluate: Callable[[list[RestrictedChain]], Any]) -> Iterator[tuple[list, Any]]:
-        """``(part, evaluate(part))`` for consecutive parts of at most ``limit`` chains, the
-        limit halved whenever a part runs out of device memory (evaluation changes no chain
-        state, so a retry is exact)."""
+    def parts(self, banks: list[ChainBank],
+              evaluate: Callable[[list[ChainBank]], Any]) -> Iterator[tuple[list, Any]]:
+        """``(part, evaluate(part))`` for consecutive parts of banks holding at most
+        ``limit`` chains in all (a larger bank alone), the limit halved whenever a part
+        runs out of device memory (evaluation changes no chain state, so a retry is
+        exact)."""
         start = 0
-        while start < len(chains):
-            part = chains[start:start + self.limit]
+        while start < len(banks):
+            end, chains = start + 1, banks[start].count
+            while end < len(banks) and chains + banks[end].count <= self.limit:
+                chains += banks[end].count
+                end += 1
+            part = banks[start:end]
             try:
                 result = evaluate(part)
             except torch.OutOfMemoryError:
                 if len(part) == 1:
                     raise
-                self._halve(len(part))
+                self._halve(chains)
                 continue
             yield part, result
-            start += len(part)
+            start = end
 
     def _halve(self, failed_size: int) -> None:
         self.limit = failed_size // 2
@@ -65,7 +70,7 @@ def refuse_stacking(config: SGLDConfig, reason: str) -> None:
 
 
 def decide_stacking(model: nn.Module, members: list[ResolvedComponent],
-                    chains: list[RestrictedChain], group: GroupLosses, config: SGLDConfig,
+                    chains: list[ChainBank], group: GroupLosses, config: SGLDConfig,
                     device: torch.device, limit: StackLimit) -> bool:
     """Whether the restricted chains of a group (``chains``, at ``w*``) are stacked: asked
     for by ``batch_chains``, worth it on this device, made of stackable modules, and
@@ -93,3 +98,26 @@ def decide_stacking(model: nn.Module, members: list[ResolvedComponent],
         refuse_stacking(config, str(error))
         return False
     return True
+
+
+def decide_chain_batch(model: nn.Module, members: list[ResolvedComponent], group: GroupLosses,
+                       config: SGLDConfig, data_size: int, device: torch.device,
+                       limit: StackLimit) -> int:
+    """How many chain indices of a group advance together: all members' chains stacked
+    as one batch (the full chain's too). Only where chains with different indices share
+    every minibatch (``batch_size >= N``) and the observable set (``"fixed"``), every
+    member's parameters belong to stackable modules, and a stacked evaluation of two
+    chains of every member reproduces one-at-a-time evaluation; else 1."""
+    if config.batch_chains == "off" or config.num_chains < 2 or \
+            config.batch_size < data_size or config.observable != "fixed":
+        return 1
+    if any(stacking_blocker(model, list(c.entries)) is not None for c in members):
+        return 1
+    params = dict(model.named_parameters())
+    banks = chain_banks(members, params, config.seed, [0, 1], device)
+    try:
+        for _ in limit.parts(banks, group.check_stacking):
+            pass
+    except StackingUnsupported:
+        return 1
+    return max(1, limit.limit // len(members))

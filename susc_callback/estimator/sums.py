@@ -69,18 +69,20 @@ class DrawSums:
                                      device=device)
         self.probe_trace = self.loss_trace.clone()
 
-    def add(self, chain: int, draw: int, loss: torch.Tensor, anchor_loss: torch.Tensor,
-            token_losses: torch.Tensor, displacement: torch.Tensor | float = 0.0,
-            diagonal: torch.Tensor | None = None) -> None:
-        """Add one draw: observable loss ``L``, ``L(w*)``, probe losses ``l`` (P,), the
-        chain's mean squared displacement ``|u - u*|^2 / d`` and the diagonal
-        ``sum_s w_s phi_s l_s`` of ``phi L`` over the observable sequences (None: no
-        correction, :mod:`~susc_callback.estimator.observable`).
+    def add(self, chains: torch.Tensor, draw: int, loss: torch.Tensor,
+            anchor_loss: torch.Tensor, token_losses: torch.Tensor,
+            displacement: torch.Tensor, diagonal: torch.Tensor | None = None) -> None:
+        """Add draw ``draw`` of the (distinct) chains ``chains`` ``(n,)``: observable losses
+        ``L`` ``(n,)``, ``L(w*)`` (a scalar or ``(n,)``), probe losses ``l`` ``(n, P)``,
+        each chain's mean squared displacement ``|u - u*|^2 / d`` ``(n,)`` and the diagonals
+        ``sum_s w_s phi_s l_s`` of ``phi L`` over the observable sequences ``(n,)`` (None:
+        no correction, :mod:`~susc_callback.estimator.observable`).
         Two traces are kept: ``L``, and the mean probe loss, one fixed set for every chain
         and draw (the diagnostics' trace: ``L``'s set may change per block)."""
-        g = chain * self.blocks + block_of(draw, self.num_draws)
+        g = chains * self.blocks + block_of(draw, self.num_draws)
         loss = loss.detach().double()
-        phi = loss - anchor_loss.double()
+        anchor_loss = anchor_loss.double().expand_as(loss)
+        phi = loss - anchor_loss
         token_losses = token_losses.detach().double()
         self.count[g] += 1
         self.phi[g] += phi
@@ -88,13 +90,14 @@ class DrawSums:
         self.phi_loss[g] += phi * loss
         self.phi_loss_diagonal[g] += phi * loss if diagonal is None else diagonal.double()
         self.token[g] += token_losses
-        self.phi_token[g] += phi * token_losses
-        self.loss_trace[chain, draw] = loss
-        self.probe_trace[chain, draw] = token_losses.mean()
-        self.anchor[g] += anchor_loss.double()
+        self.phi_token[g] += phi[:, None] * token_losses
+        self.loss_trace[chains, draw] = loss
+        self.probe_trace[chains, draw] = token_losses.mean(-1)
+        self.anchor[g] += anchor_loss
         self.displacement[g] += displacement
         if self.moments is not None:
-            self.moments.add(token_losses)
+            for row in token_losses:
+                self.moments.add(row)
 
     def merge(self, other: DrawSums, chains: list[int]) -> None:
         """Add the draws of ``other``, which holds those of chains ``chains``."""

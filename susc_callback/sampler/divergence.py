@@ -38,43 +38,54 @@ class DivergenceWatch:
 
     def __init__(self, num_steps: int, device: torch.device) -> None:
         self.num_steps, self.device = num_steps, device
-        self.magnitudes: dict[str, torch.Tensor] = {}  # chain -> (steps, len(WATCHED))
+        # (component, chains) -> (chains, (steps, chains, len(WATCHED)) magnitudes)
+        self.banks: dict[tuple[str, tuple[int, ...]], tuple[list[int], torch.Tensor]] = {}
         self.read_up_to = 0
-        self._zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.reported: set[tuple[str, int]] = set()
 
-    def record(self, chain: str, step: int, observable: torch.Tensor | None,
-               tokens: torch.Tensor | None, loss: torch.Tensor,
-               weights: list[torch.Tensor]) -> None:
-        """One step of one chain; ``observable`` and ``tokens`` only at a draw."""
-        if chain not in self.magnitudes:
-            self.magnitudes[chain] = torch.zeros((self.num_steps, len(WATCHED)),
-                                                 dtype=torch.float64, device=self.device)
-        losses = [loss] if observable is None else [observable, tokens, loss]
-        # max |value| of every tensor, in one multi-tensor kernel: NaN or inf exactly when
-        # some entry is
-        largest = torch.stack(torch._foreach_norm([v.detach() for v in losses + list(weights)],
-                                                  float("inf")))
-        draw = [self._zero, self._zero] if observable is None else [largest[0], largest[1]]
-        count = len(losses)
-        self.magnitudes[chain][step] = torch.stack([*draw, largest[count - 1],
-                                                    largest[count:].amax()])
+    def record(self, name: str, chains: list[int], step: int,
+               observable: torch.Tensor | None, tokens: torch.Tensor | None,
+               loss: torch.Tensor, weights: torch.Tensor) -> None:
+        """One step of the chains ``chains`` of component ``name``: their losses ``(n,)``,
+        weights ``(n, d)`` and, only at a draw, observable ``(n,)`` and probe token losses
+        ``(n, P)``."""
+        key = (name, tuple(chains))
+        if key not in self.banks:
+            self.banks[key] = (list(chains), torch.zeros(
+                (self.num_steps, len(chains), len(WATCHED)), dtype=torch.float64,
+                device=self.device))
+        largest = self.banks[key][1][step]
+        # max |value| per chain: NaN or inf exactly when some entry is
+        if observable is not None:
+            largest[:, 0] = observable.detach().abs()
+            largest[:, 1] = tokens.detach().abs().amax(-1)
+        largest[:, 2] = loss.detach().abs()
+        largest[:, 3] = weights.detach().abs().amax(-1)
 
-    def diverged(self, up_to: int) -> list[tuple[str, int, str]]:
-        """``(chain, first bad step, what)`` for every chain with a non-finite value in the
-        steps recorded before ``up_to`` and not yet read; each chain is reported once."""
-        if up_to <= self.read_up_to or not self.magnitudes:
+    def diverged(self, up_to: int) -> list[tuple[str, int, int, str]]:
+        """``(component, chain, first bad step, what)`` for every chain with a non-finite
+        value in the steps recorded before ``up_to`` and not yet read; each chain is
+        reported once."""
+        if up_to <= self.read_up_to or not self.banks:
             return []
-        names = list(self.magnitudes)
-        block = torch.stack([self.magnitudes[n][self.read_up_to:up_to] for n in names])
-        bad = (~torch.isfinite(block)).cpu()  # the one wait for the device
-        found = []
-        for name, flags in zip(names, bad):
-            steps = flags.any(dim=1).nonzero()
-            if len(steps):
-                step = int(steps[0])
-                what = WATCHED[int(flags[step].nonzero()[0])]
-                found.append((name, self.read_up_to + step, f"non-finite {what}"))
-                del self.magnitudes[name]
+        keys = list(self.banks)
+        blocks = [self.banks[k][1][self.read_up_to:up_to] for k in keys]
+        bad = (~torch.isfinite(torch.cat(blocks, dim=1))).cpu()  # the one wait for the device
+        found, column = [], 0
+        for key, block in zip(keys, blocks):
+            chains = self.banks[key][0]
+            for j, chain in enumerate(chains):
+                flags = bad[:, column + j]
+                steps = flags.any(dim=1).nonzero()
+                if len(steps) and (key[0], chain) not in self.reported:
+                    self.reported.add((key[0], chain))
+                    step = int(steps[0])
+                    what = WATCHED[int(flags[step].nonzero()[0])]
+                    found.append((key[0], chain, self.read_up_to + step, f"non-finite {what}"))
+            column += block.shape[1]
         self.read_up_to = up_to
         return found
 
+    def forget(self, name: str) -> None:
+        """Stop reporting the chains of component ``name``."""
+        self.banks = {k: v for k, v in self.banks.items() if k[0] != name}

@@ -11,7 +11,6 @@ from torch import nn
 
 from susc_callback.components.component import ResolvedComponent
 
-
 NOISE_BLOCK_STEPS = 256    # steps of noise a chain's generator draws at once, at most
 NOISE_BLOCK_FLOATS = 2**16  # and at most this many numbers per chain (a block's memory)
 
@@ -67,6 +66,7 @@ class ChainBank:
     def __init__(self, component: ResolvedComponent, params: dict[str, nn.Parameter],
                  seed: int, chains: Sequence[int], device: torch.device) -> None:
         self.name, self.chains = component.name, list(chains)
+        self.chain_index = torch.tensor(self.chains, dtype=torch.long, device=device)
         self.names = list(component.entries)
         self.params = [params[name] for name in self.names]
         self.indices = [None if index is None else index.to(params[name].device)
@@ -148,12 +148,6 @@ class ChainBank:
                     flat.copy_(value[0])
                 else:
                     flat[index] = value[0]
-
-    def keep(self, rows: list[int]) -> None:
-        """Go on with the chains at ``rows`` only (the others diverged)."""
-        self.chains = [self.chains[j] for j in rows]
-        self.generators = [self.generators[j] for j in rows]
-        self.state, self._noise = self.state[rows], self._noise[rows]
 
     @staticmethod
     def _read(param: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
