@@ -75,6 +75,7 @@ def plan_estimate(model: nn.Module, components: list[ResolvedComponent], data: S
                                          limit)
         if chain_batch > 1:
             stacked = frozenset(c.name for c in members)
+            losses.max_rows = None  # small models: one pass of all chains' rows
         else:
             check = chain_banks(restricted, params, config.seed, [0], device)
             stacked = frozenset(c.name for c in restricted) if decide_stacking(

@@ -120,4 +120,18 @@ def decide_chain_batch(model: nn.Module, members: list[ResolvedComponent], group
             pass
     except StackingUnsupported:
         return 1
-    return max(1, limit.limit // len(members))
+    copies = min(CHAIN_BATCH_COPIES, CHAIN_BATCH_BYTES // _bytes_per_copy(model, data_size))
+    return max(1, copies // len(members))
+
+
+CHAIN_BATCH_COPIES = 1024  # most (component, chain) copies advanced together
+CHAIN_BATCH_BYTES = 2**28  # and at most about this much activation memory for them
+
+
+def _bytes_per_copy(model: nn.Module, rows: int) -> int:
+    """Float32 activations of one copy's forward over ``rows`` rows: each stackable
+    module's input and output features (the modules a chain-batched model consists of)."""
+    width = sum(m.weight.shape[0] + m.weight.shape[1] if m.weight.dim() == 2
+                else 2 * m.weight.shape[0] for m in model.modules()
+                if isinstance(m, (nn.Linear, nn.LayerNorm)) or type(m).__name__ == "Conv1D")
+    return max(1, 4 * rows * width)
