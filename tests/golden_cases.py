@@ -2,7 +2,8 @@
 ``python tests/golden_cases.py``; first before the issue-14 restructuring at commit
 05833c6, again at issue 21, when SGLD noise came to be drawn in blocks of steps, a new
 random stream, and a full batch came to be the data in its order): the same seed and
-settings must give the same numbers, bitwise, on the machine type they were written on. Each case exercises another path of the engine (stacked and one-at-a-time
+settings must give the same numbers, bitwise, on the machine type they were written on.
+Each case exercises another path of the engine (stacked and one-at-a-time
 chains, prefix replay, chunked passes, minibatch observable, burn-in and thinning, the
 separate anchor, a generic module with its own loss, forked workers)."""
 
