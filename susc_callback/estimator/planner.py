@@ -71,8 +71,7 @@ def plan_estimate(model: nn.Module, components: list[ResolvedComponent], data: S
             losses = group_losses(depth, observable_chunks if config.observable == "fixed"
                                   else [])
         restricted = [c for c in members if c.name != FULL]
-        chain_batch = decide_chain_batch(model, members, losses, config, len(data), device,
-                                         limit)
+        chain_batch = decide_chain_batch(model, members, losses, config, data, device, limit)
         if chain_batch > 1:
             stacked = frozenset(c.name for c in members)
             losses.max_rows = None  # small models: one pass of all chains' rows

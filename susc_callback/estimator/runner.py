@@ -117,7 +117,7 @@ class ChainRunner:
             together = [bank for bank in banks if bank.name in stacked]
 
             def evaluate(part: list[ChainBank]) -> list[ChainStep]:
-                return losses.evaluate_stacked(part, batch, hidden, None, draw, observable)
+                return losses.evaluate_stacked(part, batch, hidden, draw, observable)
 
             done = 0
             try:
@@ -128,8 +128,8 @@ class ChainRunner:
                 refuse_stacking(self.config, str(error))
                 self.stacked[group_index] = frozenset()  # for the group's later chains too
             rest = together[done:] + rest
-        return pairs + list(zip(rest, losses.evaluate_sequential(rest, batch, hidden, None,
-                                                                 draw, observable)))
+        return pairs + list(zip(rest, losses.evaluate_sequential(rest, batch, hidden, draw,
+                                                                 observable)))
 
     def _advance(self, bank: ChainBank, output: ChainStep, step_index: int, draw: int | None,
                  observable: ChainObservable, sums: DrawSums, watch: DivergenceWatch) -> None:

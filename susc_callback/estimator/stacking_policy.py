@@ -1,6 +1,8 @@
 """When a prefix group's chains are stacked, and how many go into one batch.
 
-The planner decides once per group (:func:`decide_stacking`); the chain runner falls back
+The planner decides once per group whether its chains are stacked
+(:func:`decide_stacking`) and how many chain indices advance together
+(:func:`decide_chain_batch`); the chain runner falls back
 to one chain at a time when a stacked step turns out to be unsupported
 (:func:`refuse_stacking`). Both evaluate stacked chains in parts of at most
 :class:`StackLimit` chains, a limit halved whenever a part runs out of device memory.
@@ -8,6 +10,7 @@ to one chain at a time when a stacked step turns out to be unsupported
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,10 +20,15 @@ from torch import nn
 
 from susc_callback.components.component import ResolvedComponent
 from susc_callback.config import SGLDConfig
+from susc_callback.data.sampling import SamplingData
 from susc_callback.estimator.plan import FULL
 from susc_callback.sampler.group import GroupLosses
 from susc_callback.sampler.sgld import ChainBank, chain_banks
-from susc_callback.sampler.stacking import StackingUnsupported, stacking_blocker
+from susc_callback.sampler.stacking import (
+    StackingUnsupported,
+    is_stackable,
+    stacking_blocker,
+)
 
 
 class StackLimit:
@@ -101,37 +109,70 @@ def decide_stacking(model: nn.Module, members: list[ResolvedComponent],
 
 
 def decide_chain_batch(model: nn.Module, members: list[ResolvedComponent], group: GroupLosses,
-                       config: SGLDConfig, data_size: int, device: torch.device,
+                       config: SGLDConfig, data: SamplingData, device: torch.device,
                        limit: StackLimit) -> int:
     """How many chain indices of a group advance together: all members' chains stacked
     as one batch (the full chain's too). Only where chains with different indices share
     every minibatch (``batch_size >= N``) and the observable set (``"fixed"``), every
-    member's parameters belong to stackable modules, and a stacked evaluation of two
-    chains of every member reproduces one-at-a-time evaluation; else 1."""
+    member's parameters belong to stackable modules, a stacked evaluation of two chains of
+    every member reproduces one-at-a-time evaluation, and (with ``"auto"``) a timed stacked
+    step costs at most :data:`CHAIN_BATCH_GAIN` of the same chains' steps one at a time;
+    else 1."""
     if config.batch_chains == "off" or config.num_chains < 2 or \
-            config.batch_size < data_size or config.observable != "fixed":
+            config.batch_size < len(data) or config.observable != "fixed":
         return 1
     if any(stacking_blocker(model, list(c.entries)) is not None for c in members):
         return 1
     params = dict(model.named_parameters())
-    banks = chain_banks(members, params, config.seed, [0, 1], device)
     try:
-        for _ in limit.parts(banks, group.check_stacking):
+        for _ in limit.parts(chain_banks(members, params, config.seed, [0, 1], device),
+                             group.check_stacking):
             pass
     except StackingUnsupported:
         return 1
-    copies = min(CHAIN_BATCH_COPIES, CHAIN_BATCH_BYTES // _bytes_per_copy(model, data_size))
-    return max(1, copies // len(members))
+    copies = min(CHAIN_BATCH_COPIES, CHAIN_BATCH_BYTES // _bytes_per_copy(model, len(data)))
+    size = min(config.num_chains, max(1, copies // len(members)))
+    if size < 2 or config.batch_chains == "on":
+        return size
+    batch = data.batch(torch.arange(len(data)), device)
+    with torch.no_grad():
+        hidden = group.capture(batch)
+    one = chain_banks(members, params, config.seed, [0], device)
+    together = chain_banks(members, params, config.seed, range(size), device)
+    sequential = _seconds(lambda: group.evaluate_sequential(one, batch, hidden, False, None),
+                          device)
+    try:
+        stacked = _seconds(lambda: group.evaluate_stacked(together, batch, hidden, False,
+                                                          None), device)
+    except torch.OutOfMemoryError:
+        return 1
+    return size if stacked <= CHAIN_BATCH_GAIN * size * sequential else 1
 
 
 CHAIN_BATCH_COPIES = 1024  # most (component, chain) copies advanced together
 CHAIN_BATCH_BYTES = 2**28  # and at most about this much activation memory for them
+CHAIN_BATCH_GAIN = 0.5     # chain batches only where they at least halve the time per step,
+                           # so that timing noise does not flip the choice (and the float
+                           # rounding of results) from one run to the next
+
+
+def _seconds(evaluate: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
+    """Fastest of ``repeats`` timed calls of ``evaluate``, after one untimed call."""
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        evaluate()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
 
 
 def _bytes_per_copy(model: nn.Module, rows: int) -> int:
     """Float32 activations of one copy's forward over ``rows`` rows: each stackable
     module's input and output features (the modules a chain-batched model consists of)."""
     width = sum(m.weight.shape[0] + m.weight.shape[1] if m.weight.dim() == 2
-                else 2 * m.weight.shape[0] for m in model.modules()
-                if isinstance(m, (nn.Linear, nn.LayerNorm)) or type(m).__name__ == "Conv1D")
+                else 2 * m.weight.shape[0] for m in model.modules() if is_stackable(m))
     return max(1, 4 * rows * width)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from susc_callback.data.rows import batch_rows, select_rows, take_rows
+from susc_callback.data.rows import batch_rows, repeat_rows, select_rows, take_rows
 from susc_callback.data.sampling import LossFn, token_losses
 from susc_callback.sampler.prefix import PrefixReplay
 from susc_callback.sampler.sgld import ChainBank
@@ -78,14 +78,11 @@ class GroupLosses:
                                                                     batch))
 
     def _passes(self, batch: dict, hidden: torch.Tensor | None,
-                stack: StackedModules | None, source: torch.Tensor | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                stack: StackedModules | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Forward passes over ``batch``: per-sample losses and validity ``(G, rows, K)``.
 
-        One chain at a time, the batch is one pass as given. With ``G`` stacked chains,
-        copy ``j`` gets the rows of block ``source[j]`` of ``batch`` (blocks of ``rows``
-        rows; None: every copy the whole batch), in slices of at most ``max_rows`` rows in
-        all."""
+        One chain at a time, the batch is one pass as given. With ``G`` stacked chains every
+        row is repeated ``G`` times, in slices of at most ``max_rows`` rows in all."""
         if stack is None:
             with self.prefix.replay(self.depth, hidden):
                 losses, valid = token_losses(self.loss_fn, self.model, batch)
@@ -94,28 +91,18 @@ class GroupLosses:
         if any(isinstance(value, (list, tuple)) for value in batch.values()):
             raise StackingUnsupported("the batch holds per-sample values that are not tensors, "
                                       "which cannot be repeated per chain")
-        copies, total = stack.count, batch_rows(batch) or 1
-        if source is None:
-            source = torch.zeros(copies, dtype=torch.long)
-        source = source.to(self.prefix_device(batch))
-        rows = total // (int(source.max()) + 1) if len(source) else total
+        copies, rows = stack.count, batch_rows(batch) or 1
         step = rows if self.max_rows is None else max(1, min(rows, self.max_rows // copies))
         for start in range(0, rows, step):
             size = min(step, rows - start)
-            index = (source[:, None] * rows + torch.arange(start, start + size,
-                                                          device=source.device)).flatten()
-            part, part_hidden = (take_rows(value, total, index) for value in (batch, hidden))
+            part, part_hidden = batch, hidden
+            if size < rows:
+                part, part_hidden = (select_rows(value, rows, start, size)
+                                     for value in (batch, hidden))
+            part, part_hidden = (repeat_rows(value, size, copies) for value in (part, part_hidden))
             with self.prefix.replay(self.depth, part_hidden), stack.applied(size * copies):
                 losses, valid = token_losses(self.loss_fn, self.model, part)
             yield losses.reshape(copies, size, -1), valid.reshape(copies, size, -1)
-
-    @staticmethod
-    def prefix_device(batch: dict) -> torch.device:
-        """The device of the batch's tensors."""
-        for value in batch.values():
-            if isinstance(value, torch.Tensor):
-                return value.device
-        return torch.device("cpu")
 
     def token_losses(self, batch: dict, hidden: torch.Tensor | None,
                      stack: StackedModules | None = None
@@ -128,15 +115,14 @@ class GroupLosses:
         return torch.cat(losses, 1).flatten(1), torch.cat(valid, 1).flatten(1)
 
     def loss_and_grads(self, batch: dict, hidden: torch.Tensor | None,
-                       inputs: list[torch.Tensor], stack: StackedModules | None = None,
-                       source: torch.Tensor | None = None
+                       inputs: list[torch.Tensor], stack: StackedModules | None = None
                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Mean loss of ``batch`` per chain, ``(G,)``, and its gradients with respect to
         ``inputs`` (the loaded parameters, or the ``(G, ...)`` stacked values: row ``j`` is
         chain ``j``'s). Each slice is differentiated as soon as it is computed, so only one
         slice's graph is alive at a time; inputs the loss does not use get zeros."""
         total, count, grads = 0.0, 0, [torch.zeros_like(x) for x in inputs]
-        for losses, valid in self._passes(batch, hidden, stack, source):
+        for losses, valid in self._passes(batch, hidden, stack):
             part = torch.where(valid, losses, 0.0).flatten(1).sum(-1)
             if part.requires_grad:
                 part_grads = torch.autograd.grad(part.sum(), inputs, allow_unused=True,
@@ -196,27 +182,15 @@ class GroupLosses:
         raise ValueError("The probe set has no valid tokens")
 
     def evaluate_sequential(self, banks: list[ChainBank], batch: dict,
-                            hidden: torch.Tensor | None, source: torch.Tensor | None,
-                            draw: bool, observable: Captured | None) -> list[ChainStep]:
+                            hidden: torch.Tensor | None, draw: bool,
+                            observable: Captured | None) -> list[ChainStep]:
         """One chain at a time: load its values, forward/backward, evaluate, restore ``w*``.
-        Copy ``j`` (the banks' chains in order) takes block ``source[j]`` of the batch's
-        rows (None: the whole batch). At a draw the observable loss is the mean over
-        ``observable`` (None: the minibatch's)."""
-        steps, copy = [], 0
-        blocks = 1 if source is None else int(source.max()) + 1
-        total = batch_rows(batch) or 1
-        rows = total // blocks
+        At a draw the observable loss is the mean over ``observable`` (None: the
+        minibatch's)."""
+        steps = []
         for bank in banks:
-            outputs = []
-            for j in range(bank.count):
-                part, part_hidden = batch, hidden
-                if source is not None and blocks > 1:
-                    start = int(source[copy]) * rows
-                    part, part_hidden = (select_rows(value, total, start, rows)
-                                         for value in (batch, hidden))
-                outputs.append(self._evaluate_loaded(bank, j, part, part_hidden, draw,
-                                                     observable))
-                copy += 1
+            outputs = [self._evaluate_loaded(bank, j, batch, hidden, draw, observable)
+                       for j in range(bank.count)]
             steps.append(ChainStep(*(None if values[0] is None else torch.stack(values)
                                      for values in zip(*outputs))))
         return steps
@@ -240,16 +214,15 @@ class GroupLosses:
             bank.unload()
 
     def evaluate_stacked(self, banks: list[ChainBank], batch: dict,
-                         hidden: torch.Tensor | None, source: torch.Tensor | None,
-                         draw: bool, observable: Captured | None) -> list[ChainStep]:
+                         hidden: torch.Tensor | None, draw: bool,
+                         observable: Captured | None) -> list[ChainStep]:
         """All chains of ``banks`` at once, as one batch of ``G x B`` rows over their
-        stacked values (copy ``j`` on block ``source[j]`` of the batch's rows)."""
+        stacked values (copy ``j``: the ``j``-th chain of the banks, in order)."""
         names = list(dict.fromkeys(name for bank in banks for name in bank.names))
         values = {name: _stack(self.model.get_parameter(name), name, banks).requires_grad_()
                   for name in names}
         stack = StackedModules(self.model, values, self.owners)
-        losses, grads = self.loss_and_grads(batch, hidden, list(values.values()), stack,
-                                            source)
+        losses, grads = self.loss_and_grads(batch, hidden, list(values.values()), stack)
         by_name = dict(zip(names, grads))
         observables = tokens = sequences = None
         if draw:
@@ -285,9 +258,9 @@ class GroupLosses:
                                                  device=bank.state.device) / copies)
                 bank.state = bank.state + shift[:, None]
                 start += bank.count
-            sequential = self.evaluate_sequential(banks, chunk, hidden, None, False, None)
+            sequential = self.evaluate_sequential(banks, chunk, hidden, False, None)
             try:
-                stacked = self.evaluate_stacked(banks, chunk, hidden, None, False, None)
+                stacked = self.evaluate_stacked(banks, chunk, hidden, False, None)
             except (StackingUnsupported, torch.OutOfMemoryError):
                 raise
             except Exception as error:  # any other failure means: do not stack

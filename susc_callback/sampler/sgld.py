@@ -1,4 +1,4 @@
-"""Weight-restricted SGLD: the update rule and one chain over a component's entries."""
+"""Weight-restricted SGLD: the update rule, and the chains of one component as one bank."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class ChainBank:
                         for name, index in component.entries.items()]
         anchors = [self._read(p, i) for p, i in zip(self.params, self.indices)]
         self.sizes = [len(anchor) for anchor in anchors]
-        self.anchor = torch.cat(anchors).clone()
+        self.anchor = torch.cat(anchors)  # a copy: never a view of the snapshot
         self.state = self.anchor.repeat(len(self.chains), 1)
         self.size = len(self.anchor)
         self.generators = [make_generator(device, chain_seed(seed, "noise", self.name, c))

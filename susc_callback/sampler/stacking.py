@@ -50,7 +50,8 @@ def parameter_owners(model: nn.Module) -> Owners:
     return owners
 
 
-def _stackable(module: nn.Module) -> bool:
+def is_stackable(module: nn.Module) -> bool:
+    """Whether stacking can apply per-chain values to ``module``'s parameters."""
     if type(module) is nn.LayerNorm:
         return len(module.normalized_shape) == 1
     return type(module) is nn.Linear or (Conv1D is not None and type(module) is Conv1D)
@@ -62,7 +63,7 @@ def stacking_blocker(model: nn.Module, names: list[str]) -> str | None:
     owners = parameter_owners(model)
     for name in names:
         for module, _ in owners[id(model.get_parameter(name))]:
-            if not _stackable(module):
+            if not is_stackable(module):
                 return f"{name} belongs to a {type(module).__name__}"
     return None
 
