@@ -103,8 +103,9 @@ class SGLDConfig:
         "pay there); else one chain at a time. 'on': stacked, or a clear error; 'off': one "
         "chain at a time. Same numbers either way, up to float rounding.")
     max_batched_chains: int = _run(
-        32, "Most chains stacked in one batch; a batch that runs out of device memory is "
-        "halved and retried.")
+        32, "Most chains of a prefix group stacked in one batch; a batch that runs out of "
+        "device memory is halved and retried. (Chain batches, where every chain sees the "
+        "whole data set, are sized by their activation memory instead.)")
     workers: int | Literal["auto"] = _run(
         "auto",
         "CPU processes that run different chains at the same time (forked, Linux only), "

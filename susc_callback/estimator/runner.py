@@ -2,9 +2,15 @@
 
 All chains with index ``c`` draw the same minibatches (seeded by ``(seed, c)``), so each
 minibatch's frozen prefix is computed once per step and shared by every component of the
-group; the noise of a component's chain is seeded by ``(seed, name, c)``. Only the
-component's parameters require grad, so backward stops at the component; the update and
-its noise touch only the component's entries.
+group; the noise of a component's chain is seeded by ``(seed, "noise", name, c)``. Only
+the component's parameters require grad, so backward stops at the component; the update
+and its noise touch only the component's entries.
+
+A group runs its chain indices in *chain batches* (:class:`~.plan.GroupPlan`'s
+``chain_batch``): usually one index at a time; several where every chain sees the whole
+data set, so that all of them advance as one stacked pass. Each component's chains of a
+batch are one :class:`~susc_callback.sampler.sgld.ChainBank`, updated, summed and checked
+for divergence as ``(chains, ...)`` tensors, with no per-chain Python in the step.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ class ChainRunner:
     """Runs chains of a plan and sums their draws.
 
     Its own state, which the plan does not hold: the components that failed, the groups
-    that fell back to one chain at a time, and the stack limit after out-of-memory halving.
+    that fell back to one chain at a time, and each group's stack limit after
+    out-of-memory halving.
     ``moments`` (a factory) gives every component's sums cross-moments of the probe losses.
     """
 
@@ -47,7 +54,10 @@ class ChainRunner:
         self.params = dict(plan.model.named_parameters())
         self.failed: dict[str, str] = {}
         self.stacked = [group.stacked for group in plan.groups]  # names of stacked members
-        self.limit = StackLimit(plan.stack_limit, device)
+        # A chain batch is sized by memory when planned and runs as one pass
+        self.limits = [StackLimit(plan.stack_limit if group.chain_batch == 1 else
+                                  group.chain_batch * len(group.members), device)
+                       for group in plan.groups]
 
     def run(self, chain_indices: list[int], progress: Callable[[int], None]
             ) -> dict[str, DrawSums]:
@@ -121,7 +131,7 @@ class ChainRunner:
 
             done = 0
             try:
-                for part, outputs in self.limit.parts(together, evaluate):
+                for part, outputs in self.limits[group_index].parts(together, evaluate):
                     pairs += zip(part, outputs)
                     done += len(part)
             except StackingUnsupported as error:

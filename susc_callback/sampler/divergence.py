@@ -71,18 +71,16 @@ class DivergenceWatch:
         keys = list(self.banks)
         blocks = [self.banks[k][1][self.read_up_to:up_to] for k in keys]
         bad = (~torch.isfinite(torch.cat(blocks, dim=1))).cpu()  # the one wait for the device
-        found, column = [], 0
-        for key, block in zip(keys, blocks):
-            chains = self.banks[key][0]
-            for j, chain in enumerate(chains):
-                flags = bad[:, column + j]
-                steps = flags.any(dim=1).nonzero()
-                if len(steps) and (key[0], chain) not in self.reported:
-                    self.reported.add((key[0], chain))
-                    step = int(steps[0])
-                    what = WATCHED[int(flags[step].nonzero()[0])]
-                    found.append((key[0], chain, self.read_up_to + step, f"non-finite {what}"))
-            column += block.shape[1]
+        bad_steps = bad.any(dim=2)  # (steps, chains of all banks)
+        owners = [(key[0], chain) for key in keys for chain in self.banks[key][0]]
+        found = []
+        for column in bad_steps.any(dim=0).nonzero().flatten().tolist():
+            if owners[column] in self.reported:
+                continue
+            self.reported.add(owners[column])
+            step = int(bad_steps[:, column].nonzero()[0])
+            what = WATCHED[int(bad[step, column].nonzero()[0])]
+            found.append((*owners[column], self.read_up_to + step, f"non-finite {what}"))
         self.read_up_to = up_to
         return found
 
