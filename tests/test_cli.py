@@ -14,6 +14,7 @@ import torch
 from conftest import CONTEXT, VOCAB, tiny_gpt2
 
 import susc_callback.cli as cli
+import susc_callback.cli.analyze as analyze_command
 from susc_callback import SusceptibilityResult, standardize
 from susc_callback.store.run import RunStore, load_results
 
@@ -58,15 +59,16 @@ def test_interrupted_analysis_resumes_to_the_uninterrupted_result(run, tmp_path,
     shutil.copy(tmp_path / "train.jsonl", reference.parent)
     assert analyze(reference) == 0
 
-    engine, calls = cli.estimate_susceptibilities, []
+    calls = []
+    load = analyze_command.load_model
 
-    def interrupted_after_one(*args, **kwargs):
-        calls.append(kwargs["step"])
+    def interrupted_after_one(path, tokenizer):
+        calls.append(int(path.name.split("-")[1]))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return engine(*args, **kwargs)
+        return load(path, tokenizer)
 
-    monkeypatch.setattr(cli, "estimate_susceptibilities", interrupted_after_one)
+    monkeypatch.setattr(analyze_command, "load_model", interrupted_after_one)
     capsys.readouterr()
     assert analyze(run) == 130  # Ctrl-C: one line, no traceback
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -75,8 +77,8 @@ def test_interrupted_analysis_resumes_to_the_uninterrupted_result(run, tmp_path,
     assert sorted(RunStore.of_run(run).saved_steps()) == [10]
 
     calls.clear()
-    monkeypatch.setattr(cli, "estimate_susceptibilities", lambda *a, **k: (
-        calls.append(k["step"]), engine(*a, **k))[1])
+    monkeypatch.setattr(analyze_command, "load_model", lambda path, tokenizer: (
+        calls.append(int(path.name.split("-")[1])), load(path, tokenizer))[1])
     assert analyze(run) == 0
     assert calls == [20, 30]  # the finished checkpoint is skipped
     for step in (10, 20, 30):
@@ -313,7 +315,7 @@ def test_a_mixed_series_is_refused_before_anything_is_computed(run, tmp_path, ca
                                                               monkeypatch):
     assert analyze(run, "--checkpoints", "checkpoint-10") == 0
     calls = []
-    monkeypatch.setattr(cli, "estimate_susceptibilities", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(analyze_command, "estimate_chains", lambda *a, **k: calls.append(1))
     capsys.readouterr()
     assert analyze(run, "--num-draws", "5") == 2  # new checkpoints, other settings
     assert calls == [] and list(RunStore.of_run(run).saved_steps()) == [10]

@@ -16,7 +16,7 @@ LAYERS = [
     {"estimator"},
     {"store.run", "store"},
     {"analysis"},
-    {"influence", "clusters", "calibration"},
+    {"influence", "clusters", "calibration", "sharding"},
     {"logging"},
     {"callback"},
     {"patterning"},

@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from susc_callback.analysis.diagnostics import snapshot_problems
 from susc_callback.analysis.pca import STANDARDIZATIONS, Standardization
-from susc_callback.callback import distributed, trainer_context
+from susc_callback.callback import trainer_context
 from susc_callback.callback.bound import BoundCallback
 from susc_callback.callback.schedule import Schedule
 from susc_callback.components.component import Component
@@ -42,6 +42,7 @@ from susc_callback.logging.other_loggers import send_media
 from susc_callback.logging.snapshots import SnapshotPublisher
 from susc_callback.logging.tensorboard import SnapshotMedia
 from susc_callback.sampler.isolation import preserved_rng_state
+from susc_callback.sharding import collectives
 from susc_callback.store.run import RESULTS_FOLDER, RunStore
 
 logger = logging.get_logger(__name__)
@@ -158,7 +159,7 @@ class SusceptibilityCallback(BoundCallback):
         step = state.global_step
         if step not in self._done and not self.schedule.on_save:
             return
-        distributed.barrier()  # the checkpoint is complete on every rank
+        collectives.barrier()  # the checkpoint is complete on every rank
         if step not in self._done:
             self._take_snapshot(args, state, control, model, step)
         if self._main:
@@ -193,7 +194,7 @@ class SusceptibilityCallback(BoundCallback):
                              "each process holds only a shard of the weights, so there is no "
                              "model to snapshot; train with DDP, or analyse the saved "
                              "checkpoints afterwards with `susc analyze`")
-        self._rank, self._world = distributed.rank_and_world()
+        self._rank, self._world = collectives.rank_and_world()
         self._main = state.is_world_process_zero
         self._run_config = self.config.replace(on_divergence="raise" if self.strict else "mark")
         self._components = as_components(model, self.components)
@@ -217,7 +218,7 @@ class SusceptibilityCallback(BoundCallback):
                 done = self._restore_history(args, state)
             except Exception as exc:  # raised below on every rank, not only on this one
                 error = exc
-        done, error = distributed.broadcast_from_main((done, error))
+        done, error = collectives.broadcast_from_main((done, error))
         if error is not None:
             raise error
         self._done = set(done)
@@ -257,7 +258,7 @@ class SusceptibilityCallback(BoundCallback):
         self._announce(args, f"Susceptibility snapshot at step {step}: {len(self._components)} "
                              f"components and the full chain, {config.num_chains} chains x "
                              f"{config.num_draws} draws ...")
-        mine = distributed.share(self._components, self._rank, self._world)
+        mine = collectives.share(self._components, self._rank, self._world)
         part, error = None, None
         try:
             if mine:
@@ -266,7 +267,7 @@ class SusceptibilityCallback(BoundCallback):
                                                  step=step)
         except Exception:  # reported below, on every rank, after the collective
             error = traceback.format_exc()
-        gathered = distributed.all_gather((part, error))
+        gathered = collectives.all_gather((part, error))
         errors = {rank: e for rank, (_, e) in enumerate(gathered) if e is not None}
         self._done.add(step)
         if not errors and self._main:
@@ -276,7 +277,7 @@ class SusceptibilityCallback(BoundCallback):
                 self._publish(args, state, control, result, time.perf_counter() - start)
             except Exception:
                 errors[self._rank] = traceback.format_exc()
-        errors = distributed.broadcast_from_main(errors)  # every rank reports the same
+        errors = collectives.broadcast_from_main(errors)  # every rank reports the same
         if errors:
             self._report_failure(step, errors)
 

@@ -19,40 +19,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from transformers.utils import logging as hf_logging
 
 from susc_callback.analysis.compare import compare_results
 from susc_callback.analysis.pca import STANDARDIZATIONS
+from susc_callback.cli import analyze as analyze_command
 from susc_callback.cli.calibrate import add_calibrate_command
-from susc_callback.cli.common import (
-    CommandError,
-    announce_saved,
-    announce_start,
-    config_flags,
-    load_model,
-    load_tokenizer,
-    sgld_config,
-)
+from susc_callback.cli.common import CommandError, config_flags, load_tokenizer, skip_damaged
 from susc_callback.cli.influence import add_influence_command
 from susc_callback.clusters.stability import cluster_agreement
-from susc_callback.config import SGLDConfig
-from susc_callback.data.probes import ProbeSet, probe_token_texts
-from susc_callback.estimator.engine import ChainDivergedError, estimate_susceptibilities
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.influence import InfluenceResult
 from susc_callback.logging.cluster_figures import stability_figure
 from susc_callback.logging.report import write_report
-from susc_callback.logging.snapshots import SnapshotPublisher
-from susc_callback.store.files import ResultFileError, is_result_folder
+from susc_callback.store.files import is_result_folder
 from susc_callback.store.run import (
     INFLUENCE_FOLDER,
     RunInUseError,
     RunStore,
     check_one_series,
-    check_same_probe,
-    check_same_settings,
-    default_log_dir,
-    find_checkpoints,
     load_results,
     training_losses,
 )
@@ -73,108 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-# -- analyze ---------------------------------------------------------------------------------
-
-SERIES_REMEDY = ("use the same flags, --force to recompute every checkpoint of the series, or "
-                 "--out DIR to start a new series")
-
-
-def analyze(args: argparse.Namespace) -> int:
-    checkpoints = find_checkpoints(args.run_dir, args.checkpoints)
-    out = Path(args.out) if args.out else Path(args.run_dir)
-    store = RunStore.of_run(out)
-    with store.writing():  # one analysis of a run at a time
-        return _analyze(args, store, checkpoints, out)
-
-
-def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, Path],
-             out: Path) -> int:
-    """Estimate every checkpoint without a result, then rebuild the TensorBoard run."""
-    if args.no_progress or not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars
-    tokenizer = load_tokenizer(args.tokenizer, Path(args.run_dir), checkpoints)
-    probe = ProbeSet.from_jsonl(args.probe, tokenizer, max_length=args.max_length)
-    sampling = ProbeSet.from_jsonl(args.sampling_data, tokenizer, max_length=args.max_length,
-                                   what="sampling data")
-    config = sgld_config(args)
-    components = args.components or "heads"
-    probe_texts = probe_token_texts(probe, tokenizer)
-    todo = _steps_to_compute(store, checkpoints, args, config, components, probe)
-    failures = []
-    for index, (step, path) in enumerate(checkpoints.items(), 1):
-        if step not in todo:
-            print(f"step {step}: done already ({store.step_dir(step)})")
-            continue
-        start = announce_start(step, index, len(checkpoints))
-        try:
-            model = load_model(path, tokenizer)
-            result = estimate_susceptibilities(model, components, sampling.tensors, probe,
-                                               config, step=step)
-        except (CommandError, ChainDivergedError) as error:
-            if not args.keep_going:
-                raise CommandError(str(error)) from error
-            failures.append(f"{path.name}: {error}")
-            print(f"step {step}: skipped, {error}", file=sys.stderr)
-            continue
-        except ValueError as error:
-            raise CommandError(f"{path}: {error}") from error
-        result.extra.update(checkpoint=str(path), components=components,
-                            probe_tokens=probe_texts)
-        announce_saved(step, store.save(result), start)
-    log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(out)
-    publisher = SnapshotPublisher(store, log_dir, args.n_pcs, args.standardization)
-    try:
-        publisher.rebuild(_skip_damaged if args.keep_going else None)
-    finally:
-        publisher.close()
-    print(f"TensorBoard: tensorboard --logdir {log_dir}")
-    if failures:
-        print("failed checkpoints:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
-
-
-def _steps_to_compute(store: RunStore, checkpoints: dict[int, Path], args: argparse.Namespace,
-                      config: SGLDConfig, components: str, probe: ProbeSet) -> set[int]:
-    """The checkpoints to estimate. Every saved result that stays in the series is checked
-    against this analysis first, so that nothing is computed for a series that would then
-    be refused; a damaged one is computed again when its checkpoint is at hand."""
-    todo = set(checkpoints) if args.force else set()
-    for step, path in store.saved_steps().items():
-        if step in todo:
-            continue
-        try:
-            _check_saved(store.load(step), path, config, components, probe)
-        except ResultFileError as error:
-            if step not in checkpoints:
-                if args.keep_going:
-                    continue  # left out of the TensorBoard run, named there
-                raise CommandError(f"{error} (no checkpoint-{step} to compute it again "
-                                   "from; --keep-going leaves it out)") from error
-            print(f"step {step}: saved result is damaged ({error.problem}); recomputing",
-                  file=sys.stderr)
-            todo.add(step)
-    return todo | {step for step in checkpoints if not store.has(step)}
-
-
-def _check_saved(saved: SusceptibilityResult, path: Path, config: SGLDConfig, components: str,
-                 probe: ProbeSet) -> None:
-    check_same_settings(saved, config, saved.component_names, path, SERIES_REMEDY)
-    if saved.extra.get("components") not in (None, components):
-        raise CommandError(f"{path} holds components {saved.extra['components']!r}, not "
-                           f"{components!r}; {SERIES_REMEDY}")
-    check_same_probe(saved, probe.input_ids.numpy(), path, SERIES_REMEDY)
-
-
 # -- report and compare ----------------------------------------------------------------------
-
-def _skip_damaged(step: int, error: ResultFileError) -> None:
-    print(f"step {step}: skipped, {error}", file=sys.stderr)
-
 
 def report(args: argparse.Namespace) -> int:
     source = Path(args.path)
-    results = load_results(source, _skip_damaged if args.keep_going else None)
+    results = load_results(source, skip_damaged if args.keep_going else None)
     check_one_series(results, "report one series at a time, or make the series whole with "
                               "susc analyze --force")
     out = Path(args.out) if args.out else (
@@ -184,7 +71,7 @@ def report(args: argparse.Namespace) -> int:
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer, source, {})
     influence = RunStore.of_run(source, INFLUENCE_FOLDER, InfluenceResult).load_all(
-        on_damaged=_skip_damaged if args.keep_going else None)
+        on_damaged=skip_damaged if args.keep_going else None)
     path = write_report(results, out, tokenizer=tokenizer, step=args.step, n_pcs=args.n_pcs,
                         standardization=args.standardization,
                         title=f"Susceptibilities: {source.resolve().name}",
@@ -247,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-dir", help="TensorBoard run (default RUN_DIR/runs/susceptibility)")
     run.add_argument("--no-progress", action="store_true")
     _analysis_options(run)
-    run.set_defaults(handler=analyze)
+    run.set_defaults(handler=analyze_command.analyze)
 
     show = commands.add_parser("report", help="render an HTML report of saved results")
     show.add_argument("path", help="a result folder, a run folder or a susceptibility folder")

@@ -13,6 +13,7 @@ from typing import get_args, get_type_hints
 import torch
 
 from susc_callback.config import CHOICES, SGLDConfig
+from susc_callback.store.files import ResultFileError
 
 
 class CommandError(Exception):
@@ -109,3 +110,8 @@ def announce_start(step: int, index: int, total: int) -> float:
 
 def announce_saved(step: int, path: Path, start: float) -> None:
     print(f"step {step}: saved {path} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def skip_damaged(step: int, error: ResultFileError) -> None:
+    """Name a damaged result that is left out of a series (``--keep-going``)."""
+    print(f"step {step}: skipped, {error}", file=sys.stderr)

@@ -11,7 +11,7 @@ faster equivalents of the same function (:mod:`susc_callback.sampler.activations
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from susc_callback.components.component import Component
 from susc_callback.config import SGLDConfig
 from susc_callback.data.probes import ProbeSet
 from susc_callback.data.sampling import LossFn
@@ -39,7 +38,7 @@ from susc_callback.sampler.divergence import ChainDivergedError
 from susc_callback.sampler.isolation import ieee_float32, preserved_rng_state
 
 __all__ = ["ChainDivergedError", "Draws", "check_inputs", "estimate_susceptibilities",
-           "sample_draws"]
+           "result_from_draws", "sample_draws"]
 
 
 def estimate_susceptibilities(
@@ -78,8 +77,15 @@ def estimate_susceptibilities(
     config = config or SGLDConfig()
     drawn = sample_draws(model, components, sampling_data, probe, config, loss_fn=loss_fn,
                          collate_fn=collate_fn)
+    return result_from_draws(drawn, probe, config, step)
+
+
+def result_from_draws(drawn: Draws, probe: ProbeSet, config: SGLDConfig, step: int | None
+                      ) -> SusceptibilityResult:
+    """The result of an estimate from its draws' sums (all chains', possibly merged from
+    several processes)."""
     result = SusceptibilityResult.from_sums(
-        {c.name: drawn.sums[c.name] for c in drawn.components}, drawn.sums[FULL], probe,
+        {name: drawn.sums[name] for name in drawn.names}, drawn.sums[FULL], probe,
         drawn.token_sequence, drawn.token_position, drawn.anchor, config, step, drawn.failed)
     if drawn.spacing is not None:
         result.extra["draw_spacing"] = drawn.spacing.to_dict()
@@ -88,12 +94,13 @@ def estimate_susceptibilities(
 
 @dataclass
 class Draws:
-    """What the chains of an estimate leave: the running sums of every component (and of
-    the full chain, under ``FULL``), the components that failed, the plan's probe layout
+    """What the chains of an estimate leave: the components' names (in row order), the
+    running sums of every component (and of the full chain, under ``FULL``), the
+    components that failed, the plan's probe layout
     and fixed ``L(w*)`` (None when it varied per draw), and the spacing chosen for
     ``steps_between_draws="auto"``."""
 
-    components: list[Component]
+    names: list[str]
     sums: dict[str, DrawSums]
     failed: dict[str, str]
     token_sequence: np.ndarray
@@ -107,13 +114,18 @@ def sample_draws(model: nn.Module, components: Any, sampling_data: Any, probe: P
                  collate_fn: Callable | None = None,
                  moments: Callable[[np.ndarray, np.ndarray, torch.device],
                                    Callable[[], LossCrossMoments]] | None = None,
-                 full_chain_only: bool = False) -> Draws:
+                 full_chain_only: bool = False, chains: Sequence[int] | None = None
+                 ) -> Draws:
     """Check the inputs, run every chain and return the running sums (the engine without
     the result assembly, for estimates other than ``chi``). ``moments(token_sequence,
     token_position, device)`` returns a factory of the cross-moments each component's
     sums keep, given the plan's probe-token layout and the device the chains run on. An
     empty ``components`` list runs the full chain alone (with ``moments``, or
-    ``full_chain_only``)."""
+    ``full_chain_only``). ``chains``: run only these chain indices (None: all of
+    ``config.num_chains``); the others' sums stay empty, to be added from elsewhere
+    (:mod:`susc_callback.sharding`). Chains are seeded by index, so a chain's draws do not
+    depend on which others run with it."""
+    chains = _chain_indices(chains, config.num_chains)
     spacing = None
     if config.steps_between_draws == "auto":
         pilot = sample_draws(model, [], sampling_data, probe, pilot_config(config),
@@ -135,18 +147,27 @@ def sample_draws(model: nn.Module, components: Any, sampling_data: Any, probe: P
         factory = moments(plan.token_sequence, plan.token_position, device) if moments \
             else None
         runner = ChainRunner(plan, data, config, device, factory)
-        sums, failed = _run_chains(runner, config, device)
-        return Draws(list(resolved), sums, failed, plan.token_sequence, plan.token_position,
-                     plan.anchor, spacing)
+        sums, failed = _run_chains(runner, config, device, chains)
+        return Draws([c.name for c in resolved], sums, failed, plan.token_sequence,
+                     plan.token_position, plan.anchor, spacing)
 
 
-def _run_chains(runner: ChainRunner, config: SGLDConfig, device: torch.device
-                ) -> tuple[dict[str, DrawSums], dict[str, str]]:
-    """Every chain of the plan, in this process or shared out to forked workers; the
-    merged sums and the failed components."""
-    workers = _worker_count(config, device)
-    total = len(runner.plan.components) * config.num_chains * config.num_steps
-    chains = list(range(config.num_chains))
+def _chain_indices(chains: Sequence[int] | None, num_chains: int) -> list[int]:
+    if chains is None:
+        return list(range(num_chains))
+    chosen = sorted(set(chains))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= num_chains:
+        raise ValueError(f"chains={list(chains)} must be a non-empty set of chain indices in "
+                         f"0..{num_chains - 1} (SGLDConfig.num_chains={num_chains})")
+    return chosen
+
+
+def _run_chains(runner: ChainRunner, config: SGLDConfig, device: torch.device,
+                chains: list[int]) -> tuple[dict[str, DrawSums], dict[str, str]]:
+    """The chains ``chains`` of the plan, in this process or shared out to forked workers;
+    the merged sums and the failed components."""
+    workers = min(_worker_count(config, device), len(chains))
+    total = len(runner.plan.components) * len(chains) * config.num_steps
     with chain_progress(total, config.progress) as bar:
         if workers == 1:
             return runner.run(chains, bar.update), runner.failed

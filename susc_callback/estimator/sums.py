@@ -108,6 +108,26 @@ class DrawSums:
         if self.moments is not None:
             self.moments.merge(other.moments)
 
+    def chain_arrays(self, chain: int) -> dict[str, np.ndarray]:
+        """Chain ``chain``'s sums and traces, as arrays (one chain's shard of an estimate:
+        :meth:`add_chain_arrays` puts it back, bit for bit)."""
+        if self.moments is not None:
+            raise ValueError("The sums of an influence estimate (cross-moments over probe "
+                             "tokens) are not split by chain")
+        rows = slice(chain * self.blocks, (chain + 1) * self.blocks)
+        arrays = {name: getattr(self, name)[rows] for name in _FIELDS}
+        arrays.update(loss_trace=self.loss_trace[chain], probe_trace=self.probe_trace[chain])
+        return {name: value.cpu().numpy() for name, value in arrays.items()}
+
+    def add_chain_arrays(self, chain: int, arrays: dict[str, np.ndarray]) -> None:
+        """Add chain ``chain``'s draws from :meth:`chain_arrays` (run elsewhere)."""
+        rows = slice(chain * self.blocks, (chain + 1) * self.blocks)
+        device = self.count.device
+        for name in _FIELDS:
+            getattr(self, name)[rows] += torch.from_numpy(arrays[name]).to(device)
+        self.loss_trace[chain] = torch.from_numpy(arrays["loss_trace"]).to(device)
+        self.probe_trace[chain] = torch.from_numpy(arrays["probe_trace"]).to(device)
+
     @property
     def total(self) -> int:
         return int(self.count.sum())

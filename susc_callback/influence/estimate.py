@@ -185,7 +185,7 @@ def _memory(config: SGLDConfig) -> int:
 def _result(draws: Draws, train_rows: np.ndarray, query_rows: np.ndarray, train: ProbeSet,
             queries: ProbeSet, index: np.ndarray, train_level: str, query_level: str,
             config: SGLDConfig, step: int | None) -> InfluenceResult:
-    names = [FULL] + [c.name for c in draws.components]
+    names = [FULL, *draws.names]
     i, j = len(train_rows), len(query_rows)
     fields = {"influence": (i, j), "train_variance": (i,), "query_variance": (j,),
               "train_mean_loss": (i,), "query_mean_loss": (j,)}

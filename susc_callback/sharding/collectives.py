@@ -1,4 +1,5 @@
-"""The few collectives the callback needs, as no-ops when not distributed.
+"""The few collectives that sharded estimates and the callback need, as no-ops when not
+distributed.
 
 Every function here is a collective: all ranks must call it, in the same order.
 """

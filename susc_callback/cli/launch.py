@@ -1,0 +1,45 @@
+"""The processes of one ``susc`` command: one, or those that ``torchrun`` / ``accelerate
+launch`` (under SLURM or not) started, joined in a ``torch.distributed`` group."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's ``rank`` of ``world`` and the device it samples on (None: the
+    configured one, else the model's)."""
+
+    rank: int
+    world: int
+    device: torch.device | None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@contextmanager
+def launched_processes() -> Iterator[Processes]:
+    """Join the launcher's process group (``WORLD_SIZE`` > 1: set by ``torchrun`` and
+    ``accelerate launch``) through accelerate's ``PartialState``, which picks the backend
+    (NCCL on GPUs, gloo on CPUs) and this rank's device (``cuda:LOCAL_RANK``); one process
+    otherwise. The group is left again at the end."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield Processes(0, 1, None)
+        return
+    from accelerate import PartialState
+
+    state = PartialState()
+    try:
+        yield Processes(state.process_index, state.num_processes, state.device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
