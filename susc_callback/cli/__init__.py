@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+import susc_callback.cli.analyze as analyze_command
 from susc_callback.analysis.compare import compare_results
 from susc_callback.analysis.pca import STANDARDIZATIONS
-from susc_callback.cli import analyze as analyze_command
 from susc_callback.cli.calibrate import add_calibrate_command
 from susc_callback.cli.common import CommandError, config_flags, load_tokenizer, skip_damaged
 from susc_callback.cli.influence import add_influence_command

@@ -37,7 +37,7 @@ def launched_processes() -> Iterator[Processes]:
         return
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks: gloo
     try:
         yield Processes(state.process_index, state.num_processes, state.device)
     finally:
