@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_cli import SGLD, run  # noqa: F401 - the run fixture
 
-from susc_callback import SusceptibilityResult, estimate_susceptibilities
+from susc_callback import SGLDConfig, SusceptibilityResult, estimate_susceptibilities
 from susc_callback.sharding import (
     ShardMismatchError,
     ShardStore,
@@ -179,3 +179,47 @@ def test_a_second_analysis_of_the_same_run_is_refused(run):  # noqa: F811
     assert "is being written by another process" in busy.stdout + busy.stderr
     assert not RunStore.of_run(run).saved_steps()
     assert not (run / "susceptibility" / "shards").exists()
+
+
+def _estimate_on_rank(rank: int, world: int, folder: str) -> None:
+    import torch.distributed as dist
+    from conftest import tiny_gpt2
+
+    from susc_callback.sharding import estimate_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world)
+    try:
+        model, data, probe, config = _inputs(tiny_gpt2)
+        result = estimate_distributed(model, "heads", data, probe, config, step=1)
+        result.save(Path(folder) / f"rank-{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _inputs(build):
+    import torch
+
+    from susc_callback import ProbeSet
+
+    generator = torch.Generator().manual_seed(3)
+    data = torch.randint(0, 64, (16, 16), generator=generator)
+    probe = ProbeSet.from_tensors(torch.randint(0, 64, (4, 16), generator=generator))
+    config = SGLDConfig(num_chains=3, num_draws=4, batch_size=4, observable_sequences=4,
+                        eval_batch_size=8, n_beta=10.0, gamma=100.0, progress=False,
+                        workers=1)
+    return build().eval(), data, probe, config
+
+
+def test_estimate_distributed_in_a_process_group_equals_one_process(tmp_path):
+    from conftest import tiny_gpt2
+    from torch.multiprocessing import start_processes
+
+    start_processes(_estimate_on_rank, args=(2, str(tmp_path)), nprocs=2,
+                    start_method="spawn")
+    model, data, probe, config = _inputs(tiny_gpt2)
+    alone = estimate_susceptibilities(model, "heads", data, probe, config, step=1)
+    for rank in (0, 1):  # every rank gets the whole result
+        found = SusceptibilityResult.load(tmp_path / f"rank-{rank}")
+        np.testing.assert_allclose(found.chi, alone.chi, rtol=1e-6, atol=1e-9)
+        np.testing.assert_array_equal(found.loss_traces, alone.loss_traces)
