@@ -38,8 +38,8 @@ class DivergenceWatch:
 
     def __init__(self, num_steps: int, device: torch.device) -> None:
         self.num_steps, self.device = num_steps, device
-        # (component, chains) -> (chains, (steps, chains, len(WATCHED)) magnitudes)
-        self.banks: dict[tuple[str, tuple[int, ...]], tuple[list[int], torch.Tensor]] = {}
+        # (component, chains) -> (steps, chains, len(WATCHED)) magnitudes
+        self.banks: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self.read_up_to = 0
         self.reported: set[tuple[str, int]] = set()
 
@@ -51,10 +51,9 @@ class DivergenceWatch:
         ``(n, P)``."""
         key = (name, tuple(chains))
         if key not in self.banks:
-            self.banks[key] = (list(chains), torch.zeros(
-                (self.num_steps, len(chains), len(WATCHED)), dtype=torch.float64,
-                device=self.device))
-        largest = self.banks[key][1][step]
+            self.banks[key] = torch.zeros((self.num_steps, len(chains), len(WATCHED)),
+                                          dtype=torch.float64, device=self.device)
+        largest = self.banks[key][step]
         # max |value| per chain: NaN or inf exactly when some entry is
         if observable is not None:
             largest[:, 0] = observable.detach().abs()
@@ -69,10 +68,10 @@ class DivergenceWatch:
         if up_to <= self.read_up_to or not self.banks:
             return []
         keys = list(self.banks)
-        blocks = [self.banks[k][1][self.read_up_to:up_to] for k in keys]
+        blocks = [self.banks[k][self.read_up_to:up_to] for k in keys]
         bad = (~torch.isfinite(torch.cat(blocks, dim=1))).cpu()  # the one wait for the device
         bad_steps = bad.any(dim=2)  # (steps, chains of all banks)
-        owners = [(key[0], chain) for key in keys for chain in self.banks[key][0]]
+        owners = [(name, chain) for name, chains in keys for chain in chains]
         found = []
         for column in bad_steps.any(dim=0).nonzero().flatten().tolist():
             if owners[column] in self.reported:
