@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -172,8 +173,17 @@ class _Analysis:
         files = {path.name: [path.stat().st_size, path.stat().st_mtime_ns]
                  for path in sorted(folder.iterdir()) if path.is_file()}
         return {"settings": self.config.estimate_settings(), "components": self.components,
-                "probe": _digest(self.probe), "sampling_data": _digest(self.sampling),
-                "checkpoint": {"folder": folder.name, "files": files}}
+                **self.data_digests, "checkpoint": {"folder": folder.name, "files": files}}
+
+    @cached_property
+    def data_digests(self) -> dict[str, str]:
+        """Digests of the probe and sampling data, the same for every checkpoint."""
+        return {"probe": _digest(self.probe), "sampling_data": _digest(self.sampling)}
+
+    @cached_property
+    def probe_texts(self) -> list[list[str]] | None:
+        """The probe tokens' texts every saved result carries."""
+        return probe_token_texts(self.probe, self.tokenizer)
 
     def pending(self) -> list[WorkUnit]:
         """The units of the steps to do without a shard of this estimate on disk."""
@@ -211,7 +221,7 @@ class _Analysis:
                 self.shards.write(step, shard, self.fingerprints[step])
             print(f"step {step}: chains {_spans(chains)} done{where} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-            if processes.main and self.complete(step):
+            if processes.main:
                 self.save_merged(step)  # one process saves each checkpoint as it goes
         return failures
 
@@ -225,7 +235,7 @@ class _Analysis:
                                self.config, step)
         result.extra.update(checkpoint=str(self.checkpoints[step]),
                             components=self.components,
-                            probe_tokens=probe_token_texts(self.probe, self.tokenizer))
+                            probe_tokens=self.probe_texts)
         print(f"step {step}: saved {self.store.save(result)}", flush=True)
         self.shards.clear(step)
 
