@@ -105,7 +105,7 @@ def test_analyze_on_several_processes_equals_one_process(run, processes):  # noq
     one = _launch(_copy(run, "one"), 1)
     assert one.returncode == 0, one.stderr
     many = _launch(run, processes)
-    assert many.returncode == 0, many.stderr
+    assert many.returncode == 0, many.stdout + many.stderr
     assert f"on rank {processes - 1} of {processes}" in many.stdout
     expected, found = _results(run.parent / "one" / "run"), _results(run)
     assert [r.step for r in found] == [10, 20, 30]

@@ -31,7 +31,7 @@ def launched_processes() -> Iterator[Processes]:
     """Join the launcher's process group (``WORLD_SIZE`` > 1: set by ``torchrun`` and
     ``accelerate launch``) through accelerate's ``PartialState``, which picks the backend
     (NCCL on GPUs, gloo on CPUs) and this rank's device (``cuda:LOCAL_RANK``); one process
-    otherwise. The group is left again at the end."""
+    otherwise. The ranks leave the group together at the end."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield Processes(0, 1, None)
         return
@@ -40,6 +40,11 @@ def launched_processes() -> Iterator[Processes]:
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks: gloo
     try:
         yield Processes(state.process_index, state.num_processes, state.device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # without waiting: a failed peer may never come
+        raise
+    # Every rank leaves together. A rank that tore down its gloo connections while its
+    # peers were still working aborted at exit now and then ("terminate called without an
+    # active exception", SIGABRT), and the launcher then killed the main rank mid-save.
+    dist.barrier()
+    dist.destroy_process_group()
