@@ -50,7 +50,7 @@ def test_the_report_shows_the_runs_influence(run, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize("flags, message", [
     (["--train-level", "word"], "invalid choice: 'word'"),
-    (["--components", "l9h9"], "Unknown component preset 'l9h9'"),
+    (["--components", "l9h9"], "Unknown component 'l9h9'"),
 ])
 def test_bad_influence_flags_are_named(run, capsys, flags, message):  # noqa: F811
     try:

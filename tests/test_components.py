@@ -546,6 +546,29 @@ def test_default_and_preset_specs(gpt2):
         + ["embed"])
 
 
+def test_components_by_name_alone_or_mixed_with_presets(gpt2):
+    by_name = {c.name: c for c in head_components(gpt2) + layer_components(gpt2, "mlp")}
+    picked = resolve_components(gpt2, "l1h0, l0.mlp")
+    expected = resolve_components(gpt2, [by_name["l1h0"], by_name["l0.mlp"]])
+    assert [(r.name, r.size) for r in picked] == [(r.name, r.size) for r in expected]
+    for a, b in zip(picked, expected):
+        assert a.entries.keys() == b.entries.keys()
+        for name in a.entries:
+            assert torch.equal(a.entries[name], b.entries[name]) if b.entries[name] is not None \
+                else a.entries[name] is None
+    mixed = resolve_components(gpt2, ["mlp", "l0h1", Component("mine", {"lm_head.weight":
+                                                                         None})])
+    assert [r.name for r in mixed] == [f"l{i}.mlp" for i in range(LAYERS)] + ["l0h1", "mine"]
+    with pytest.raises(ValueError, match=r"Unknown component 'l0h9' \(did you mean \['l0h"):
+        resolve_components(gpt2, ["l0h9"])
+    with pytest.raises(ValueError, match="Duplicate component name 'l0h1'"):
+        resolve_components(gpt2, "heads,l0h1")
+    with pytest.raises(TypeError, match="list"):
+        resolve_components(gpt2, ["heads", 3])
+    with pytest.raises(ValueError, match="none applies to this model: pass components by hand"):
+        resolve_components(nn.Linear(2, 2), "l0h0")
+
+
 @pytest.mark.parametrize("spec", ["", " , ", "heads,bogus_preset"])
 def test_bad_preset_strings(gpt2, spec):
     with pytest.raises(ValueError, match="bogus_preset" if "bogus" in spec else "preset"):

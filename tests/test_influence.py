@@ -102,7 +102,7 @@ def test_queries_of_another_length_are_padded(tmp_path):
      "train sequences have 20 tokens, more than the model's context of 16"),
     (lambda m: estimate_influence(m, ids(4, 1), ids(0, 2), settings()), "queries is empty"),
     (lambda m: estimate_influence(m, ids(4, 1), ids(2, 2), settings(), components="l9h9"),
-     "Unknown component preset 'l9h9'"),
+     "Unknown component 'l9h9'"),
     (lambda m: estimate_influence(m, ids(4, 1), ids(2, 2), settings(), train_level="word"),
      "train_level must be one of"),
     (lambda m: estimate_influence(m, ids(4, 1), ids(2, 2), settings(), train_index=[1, 2]),

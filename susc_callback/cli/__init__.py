@@ -120,8 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoints", nargs="+", help="explicit checkpoint folders")
     run.add_argument("--tokenizer", help="tokenizer path or name (default: from the run)")
     run.add_argument("--max-length", type=int, default=None, help="truncate sequences")
-    run.add_argument("--components", default=None, help="preset(s), e.g. heads,mlp "
-                     "(default: every attention head)")
+    run.add_argument("--components", default=None, help="presets and/or component "
+                     "names, e.g. heads,mlp or l0h3,l1.mlp (default: every attention head)")
     run.add_argument("--config", help="JSON file of SGLDConfig fields")
     for name, options in config_flags().items():
         run.add_argument(f"--{name.replace('_', '-')}", default=None, **options)

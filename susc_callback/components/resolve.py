@@ -1,9 +1,9 @@
 """From what the user asks for to components checked against a model.
 
-A component specification (``None``, preset names, :class:`Component` objects or a
-mapping of masks) becomes a list of :class:`Component` (:func:`as_components`), and that a
-list of :class:`ResolvedComponent` with canonical parameter names and flat indices, every
-problem named (:func:`resolve_components`).
+A component specification (``None``, preset or component names, :class:`Component`
+objects or a mapping of masks) becomes a list of :class:`Component`
+(:func:`as_components`), and that a list of :class:`ResolvedComponent` with canonical
+parameter names and flat indices, every problem named (:func:`resolve_components`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from susc_callback.components.architectures import preset_components
+from susc_callback.components.architectures import PRESETS, preset_components
 from susc_callback.components.component import (
     Component,
     ResolvedComponent,
@@ -25,19 +25,20 @@ from susc_callback.components.component import (
 def as_components(model: nn.Module, spec: object = None) -> list[Component]:
     """Turn any accepted component specification into a list of :class:`Component`.
 
-    Accepted: ``None`` (every attention head), a preset name or comma-separated list of
-    presets (``"heads"``, ``"attention"``, ``"mlp"``, ``"layers"``, ``"embedding"``,
-    ``"unembedding"``), a :class:`Component`, a sequence of them, or a mapping
+    Accepted: ``None`` (every attention head); a string of comma-separated parts, each a
+    preset (``"heads"``, ``"attention"``, ``"mlp"``, ``"layers"``, ``"embedding"``,
+    ``"unembedding"``) or the name of one of their components (``"l0h3"``, ``"l1.mlp"``);
+    a :class:`Component`; a sequence mixing Components and such strings; or a mapping
     ``{name: {parameter name: mask or None}}``.
     """
     if spec is None:
         return preset_components(model, "heads")
     if isinstance(spec, str):
-        presets = [part.strip() for part in spec.split(",") if part.strip()]
-        if not presets:
-            raise ValueError("Empty component preset string; valid presets: heads, attention, "
-                             "mlp, layers, embedding, unembedding")
-        return [c for preset in presets for c in preset_components(model, preset)]
+        parts = [part.strip() for part in spec.split(",") if part.strip()]
+        if not parts:
+            raise ValueError(f"Empty component string {spec!r}; valid presets: "
+                             f"{', '.join(PRESETS)}, or names of their components")
+        return _named_components(model, parts)
     if isinstance(spec, Component):
         return [spec]
     if isinstance(spec, Mapping):
@@ -48,11 +49,44 @@ def as_components(model: nn.Module, spec: object = None) -> list[Component]:
                                 f"got {type(masks).__name__}")
             components.append(Component(str(name), dict(masks)))
         return components
-    if isinstance(spec, Sequence) and all(isinstance(c, Component) for c in spec):
-        return list(spec)
+    if isinstance(spec, Sequence) and all(isinstance(c, (Component, str)) for c in spec):
+        return [found for item in spec for found in as_components(model, item)]
     raise TypeError(f"Cannot interpret components of type {type(spec).__name__}: pass None, a "
-                    "preset name, a Component, a list of Components or "
+                    "preset or component name, a Component, a list of those or "
                     "{name: {parameter name: mask or None}}")
+
+
+def _named_components(model: nn.Module, parts: list[str]) -> list[Component]:
+    """The components of each part: a preset's, or the one preset component so named."""
+    found: list[Component] = []
+    catalogue: dict[str, Component] | None = None
+    for part in parts:
+        if part in PRESETS:
+            found += preset_components(model, part)
+            continue
+        catalogue = _preset_catalogue(model) if catalogue is None else catalogue
+        if part not in catalogue:
+            close = difflib.get_close_matches(part, [*PRESETS, *catalogue], n=3)
+            hint = f" (did you mean {close}?)" if close else ""
+            examples = ", ".join(list(catalogue)[:4])
+            names = (f", or a name of one of their components ({examples}, ...)" if catalogue
+                     else " (none applies to this model: pass components by hand)")
+            raise ValueError(f"Unknown component {part!r}{hint}. Valid: the presets "
+                             f"{', '.join(PRESETS)}{names}")
+        found.append(catalogue[part])
+    return found
+
+
+def _preset_catalogue(model: nn.Module) -> dict[str, Component]:
+    """Every component of every preset that applies to ``model``, by name."""
+    catalogue: dict[str, Component] = {}
+    for preset in PRESETS:
+        try:
+            components = preset_components(model, preset)
+        except ValueError:  # a preset this architecture does not have
+            continue
+        catalogue.update((component.name, component) for component in components)
+    return catalogue
 
 
 def resolve_components(model: nn.Module, spec: object = None, *, allow_none: bool = False
