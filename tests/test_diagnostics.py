@@ -25,6 +25,18 @@ def test_the_effective_sample_size_of_an_ar1_process():
         assert abs(found / exact - 1) < 0.1, (rho, found, exact)
 
 
+def test_short_chains_are_not_credited_with_more_draws_than_they_hold():
+    """The exact ESS of the pooled mean of M stationary AR(1) chains of n draws is
+    M n^2 / sum_{s,t} rho^|s-t|. Averaged over 200 replicates the estimate is within 25 %
+    of it (measured: +6 %, +11 %, -4 %); per-chain autocorrelations, which ignore the
+    spread of the chain means, gave +39 %, +81 % and +66 %."""
+    for chains, draws, rho in ((4, 20, 0.5), (4, 10, 0.5), (4, 40, 0.8)):
+        lags = np.abs(np.subtract.outer(np.arange(draws), np.arange(draws)))
+        exact = chains * draws ** 2 / (rho ** lags).sum()
+        found = np.mean([diagnose(ar1(chains, draws, rho, seed)).ess for seed in range(200)])
+        assert abs(found / exact - 1) < 0.25, (chains, draws, rho, found, exact)
+
+
 def test_rhat_and_drift_flag_what_is_wrong_and_only_that():
     good = diagnose(ar1(4, 1000, 0.5, 1))
     assert abs(good.rhat - 1) < 0.02 and abs(good.drift) < 4 and good.problems() == []

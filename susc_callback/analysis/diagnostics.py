@@ -10,9 +10,10 @@ chains sampling one stationary posterior?
   M / ESS`` (the halves' means vary by their Monte-Carlo error), so the limit applied is
   ``sqrt(RHAT_LIMIT^2 + M / ESS)``: ``RHAT_LIMIT`` for long chains, wider for the short
   ones of a snapshot or a calibration sweep.
-* ``ess``: the effective sample size of the pooled draws, from the chains' mean
-  autocorrelation summed up to the first negative pair of lags (Geyer's initial positive
-  sequence).
+* ``ess``: the effective sample size of the pooled draws: their autocorrelation, relative
+  to a variance that includes the spread between the chains' means (so that short chains
+  are not credited with more independent draws than they hold), summed up to the first
+  negative pair of lags (Geyer's initial positive sequence).
 * ``drift``: the slope of ``L`` over the draws (least squares on the chain-mean trace)
   in standard errors of the slope (from the ESS of the detrended traces): beyond
   ``DRIFT_LIMIT`` the traces trend, a sign of too large a step size (rising), too short a
@@ -29,7 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from susc_callback.estimator.autocorrelation import autocorrelation, integrated_time
+from susc_callback.estimator.autocorrelation import (
+    autocorrelation,
+    integrated_time,
+    pooled_autocorrelation,
+)
 
 RHAT_LIMIT = 1.1
 DRIFT_LIMIT = 4.0
@@ -41,14 +46,7 @@ class TraceDiagnostics:
     rhat: float
     ess: float
     drift: float
-    halves: int = 0  # the half-chains R-hat compared
-
-    @property
-    def rhat_limit(self) -> float:
-        """``RHAT_LIMIT``, widened for short chains (module docstring)."""
-        if not self.halves or not np.isfinite(self.ess) or self.ess <= 0:
-            return RHAT_LIMIT
-        return float(np.sqrt(RHAT_LIMIT ** 2 + self.halves / self.ess))
+    rhat_limit: float = RHAT_LIMIT  # widened for short chains (module docstring)
 
     def problems(self) -> list[str]:
         """What the diagnostics say is wrong, in words (empty when nothing is)."""
@@ -70,7 +68,17 @@ def diagnose(traces: np.ndarray) -> TraceDiagnostics:
     if traces.size == 0 or traces.shape[1] < 4:
         return TraceDiagnostics(float("nan"), float("nan"), float("nan"))
     return TraceDiagnostics(split_rhat(traces), effective_sample_size(traces),
-                            drift(traces), 2 * len(traces))
+                            drift(traces), rhat_limit(traces))
+
+
+def rhat_limit(traces: np.ndarray) -> float:
+    """``sqrt(RHAT_LIMIT^2 + M / ESS)`` for ``M`` half-chains. The ESS is the chains' own,
+    from their within-chain autocorrelation alone: the pooled one shrinks when the chains
+    disagree, and would widen the limit just when R-hat should flag them."""
+    ess = _effective_sample_size(traces, autocorrelation(traces))
+    if not np.isfinite(ess) or ess <= 0:
+        return RHAT_LIMIT
+    return float(np.sqrt(RHAT_LIMIT ** 2 + 2 * len(traces) / ess))
 
 
 def split_rhat(traces: np.ndarray) -> float:
@@ -85,8 +93,12 @@ def split_rhat(traces: np.ndarray) -> float:
 
 
 def effective_sample_size(traces: np.ndarray) -> float:
+    """Effective number of independent draws among ``(chains, draws)`` traces."""
+    return _effective_sample_size(traces, pooled_autocorrelation(traces))
+
+
+def _effective_sample_size(traces: np.ndarray, rho: np.ndarray | None) -> float:
     chains, n = traces.shape
-    rho = autocorrelation(traces)
     if rho is None:
         return float("nan")
     tau = max(integrated_time(rho), 1.0 / (chains * n))

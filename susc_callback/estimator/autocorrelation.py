@@ -9,13 +9,40 @@ import numpy as np
 def autocorrelation(traces: np.ndarray, max_lag: int | None = None) -> np.ndarray | None:
     """The chains' mean autocorrelation of ``(chains, draws)`` traces at lags ``0 ..
     max_lag`` (default: every lag); None for constant traces."""
+    autocov = _autocovariances(traces).mean(0)
+    if autocov[0] <= 0:
+        return None
+    n = traces.shape[1]
+    return autocov[:n if max_lag is None else max_lag + 1] / autocov[0]
+
+
+def pooled_autocorrelation(traces: np.ndarray) -> np.ndarray | None:
+    """Autocorrelation of ``(chains, draws)`` traces at every lag, relative to the pooled
+    variance that counts the spread between the chains' means as well as within them
+    (Vehtari et al. 2021, "Rank-normalization, folding, and localization", eq. 10 without
+    the rank normalisation); None for constant traces.
+
+    Each short chain's own mean absorbs part of its slow wandering, so per-chain
+    autocorrelations come out too low and the effective sample size too high (twice the
+    exact value at 4 chains of 20 draws with lag-one correlation 0.5); the spread of the
+    chain means puts that part back."""
+    chains, n = traces.shape
+    within = traces.var(axis=1, ddof=1).mean() if n > 1 else 0.0
+    between = traces.mean(axis=1).var(ddof=1) if chains > 1 else 0.0
+    pooled = (n - 1) / n * within + between
+    if pooled <= 0:
+        return None
+    rho = 1.0 - (within - _autocovariances(traces).mean(0)) / pooled
+    rho[0] = 1.0
+    return rho
+
+
+def _autocovariances(traces: np.ndarray) -> np.ndarray:
+    """Each chain's autocovariance at every lag (divisor ``draws``), ``(chains, draws)``."""
     n = traces.shape[1]
     centred = traces - traces.mean(axis=1, keepdims=True)
     spectrum = np.fft.rfft(centred, n=2 * n, axis=1)
-    autocov = np.fft.irfft(spectrum * spectrum.conj(), axis=1)[:, :n].mean(0) / n
-    if autocov[0] <= 0:
-        return None
-    return autocov[:n if max_lag is None else max_lag + 1] / autocov[0]
+    return np.fft.irfft(spectrum * spectrum.conj(), axis=1)[:, :n] / n
 
 
 def integrated_time(rho: np.ndarray) -> float:
