@@ -181,6 +181,32 @@ def test_a_second_analysis_of_the_same_run_is_refused(run):  # noqa: F811
     assert not (run / "susceptibility" / "shards").exists()
 
 
+def test_a_rank_failing_alone_while_loading_stops_every_rank(run, tmp_path):  # noqa: F811
+    script = tmp_path / "fails_on_rank_1.py"  # a file that only rank 1 cannot read
+    script.write_text(
+        "import os, sys\n"
+        "from susc_callback.cli import analyze, main\n"
+        "of = analyze._Analysis.of\n"
+        "def failing(*args):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise analyze.CommandError('sampling data not found on this node')\n"
+        "    return of(*args)\n"
+        "analyze._Analysis.of = failing\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    root = run.parent
+    job = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), "analyze", str(run), "--probe", str(root / "probe.jsonl"),
+         "--sampling-data", str(root / "train.jsonl"), *SGLD, *CHAINS],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=120)
+    assert job.returncode != 0
+    # Every rank reports the error and ends by itself. Before, rank 0 waited at its next
+    # collective: torchrun killed it, a launcher without an agent (srun) would not have.
+    assert job.stderr.count("sampling data not found on this node") >= 2
+    assert "estimating" not in job.stdout and not RunStore.of_run(run).saved_steps()
+
+
 def _estimate_on_rank(rank: int, world: int, folder: str) -> None:
     import torch.distributed as dist
     from conftest import tiny_gpt2

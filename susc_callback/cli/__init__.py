@@ -26,6 +26,7 @@ from susc_callback.analysis.pca import STANDARDIZATIONS
 from susc_callback.cli.calibrate import add_calibrate_command
 from susc_callback.cli.common import CommandError, config_flags, load_tokenizer, skip_damaged
 from susc_callback.cli.influence import add_influence_command
+from susc_callback.cli.launch import end_if_launched
 from susc_callback.clusters.stability import cluster_agreement
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.influence import InfluenceResult
@@ -46,15 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        status = args.handler(args)
     except (CommandError, ValueError, OSError, RunInUseError) as error:
         print(f"susc {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:
         resumable = " (every finished checkpoint is saved: run the same command again to " \
                     "continue)" if args.command == "analyze" else ""
         print(f"\nsusc {args.command}: interrupted{resumable}", file=sys.stderr)
-        return 130
+        status = 130
+    end_if_launched(status)
+    return status
 
 
 # -- report and compare ----------------------------------------------------------------------

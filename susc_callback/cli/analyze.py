@@ -87,20 +87,14 @@ def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, P
     every finished checkpoint and rebuild the TensorBoard run."""
     if args.no_progress or not sys.stderr.isatty():
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars
-    analysis = _Analysis.of(args, store, checkpoints, processes)
+    analysis = _on_every_rank(lambda: _Analysis.of(args, store, checkpoints, processes))
     todo = _on_main(processes, lambda: _steps_to_compute(analysis, args))
-    analysis.fingerprints = {step: analysis.fingerprint(step) for step in todo}
+    analysis.fingerprints = _on_main(
+        processes, lambda: {step: analysis.fingerprint(step) for step in todo})
     pending = _on_main(processes, analysis.pending)
-    outcome: tuple[list[str], BaseException | None] = ([], None)
-    try:
-        outcome = (analysis.compute(rank_share(pending, processes.rank, processes.world),
-                                    args.keep_going), None)
-    except Exception as error:  # raised below on every rank, after the collective
-        outcome = ([], error)
-    gathered = collectives.all_gather(outcome)
-    for _, error in gathered:
-        if error is not None:
-            raise error
+    failed = _on_every_rank(lambda: analysis.compute(
+        rank_share(pending, processes.rank, processes.world), args.keep_going))
+    failures = [failure for part in collectives.all_gather(failed) for failure in part]
     if not processes.main:
         return 0
     for step in checkpoints:
@@ -115,11 +109,25 @@ def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, P
     finally:
         publisher.close()
     print(f"TensorBoard: tensorboard --logdir {log_dir}")
-    failures = [failure for part, _ in gathered for failure in part]
     if failures:
         print("failed checkpoints:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _on_every_rank(compute: Callable[[], T]) -> T:
+    """``compute()`` on every rank; an error of any rank is raised on every rank, so that
+    no rank waits forever at the next collective for one that failed alone (a file
+    missing on one node)."""
+    value, error = None, None
+    try:
+        value = compute()
+    except Exception as caught:  # raised on every rank below
+        error = caught
+    for raised in collectives.all_gather(error):
+        if raised is not None:
+            raise raised
+    return value
 
 
 def _on_main(processes: Processes, compute: Callable[[], T]) -> T:
