@@ -559,7 +559,7 @@ def test_components_by_name_alone_or_mixed_with_presets(gpt2):
     mixed = resolve_components(gpt2, ["mlp", "l0h1", Component("mine", {"lm_head.weight":
                                                                          None})])
     assert [r.name for r in mixed] == [f"l{i}.mlp" for i in range(LAYERS)] + ["l0h1", "mine"]
-    with pytest.raises(ValueError, match=r"Unknown component 'l0h9' \(did you mean \['l0h"):
+    with pytest.raises(ValueError, match=r"Unknown component 'l0h9' \(did you mean l0h"):
         resolve_components(gpt2, ["l0h9"])
     with pytest.raises(ValueError, match="Duplicate component name 'l0h1'"):
         resolve_components(gpt2, "heads,l0h1")
@@ -567,6 +567,18 @@ def test_components_by_name_alone_or_mixed_with_presets(gpt2):
         resolve_components(gpt2, ["heads", 3])
     with pytest.raises(ValueError, match="none applies to this model: pass components by hand"):
         resolve_components(nn.Linear(2, 2), "l0h0")
+
+
+def test_naming_a_head_builds_only_its_layer(gpt2, monkeypatch):
+    import susc_callback.components.resolve as resolve
+
+    built = []
+    monkeypatch.setattr(resolve, "head_components", lambda model, **options: (
+        built.append(options) or head_components(model, **options)))
+    resolve_components(gpt2, "l1h0")
+    assert built == [{"layers": {1}}]
+    assert [c.name for c in head_components(gpt2, layers={1})] == [
+        f"l1h{h}" for h in range(HEADS)]
 
 
 @pytest.mark.parametrize("spec", ["", " , ", "heads,bogus_preset"])

@@ -24,7 +24,7 @@ module itself (``head_dim``/``head_size``), so configs whose ``head_dim`` differ
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -147,13 +147,18 @@ def architecture_of(model: nn.Module) -> Architecture:
     return arch
 
 
-def head_components(model: nn.Module, *, include_shared_kv: bool = True) -> list[Component]:
-    """One component per attention head, named ``l{layer}h{head}`` (see module docstring)."""
+def head_components(model: nn.Module, *, include_shared_kv: bool = True,
+                    layers: Collection[int] | None = None) -> list[Component]:
+    """One component per attention head, named ``l{layer}h{head}`` (see module docstring);
+    only the heads of ``layers`` when given (each head's masks are the size of its
+    layer's attention weights, so a few heads should not cost all of them)."""
     arch = architecture_of(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     num_heads = arch.num_heads(model)
     components = []
     for layer, block in enumerate(_module(model, arch.blocks)):
+        if layers is not None and layer not in layers:
+            continue
         attention = _module(block, arch.attention)
         prefix = f"{arch.blocks}.{layer}.{arch.attention}."
         grouped = arch.grouped_kv and _is_grouped(attention, num_heads)
@@ -170,6 +175,13 @@ def head_components(model: nn.Module, *, include_shared_kv: bool = True) -> list
             components.append(Component(f"l{layer}h{head}", masks,
                                         allow_overlap=grouped and include_shared_kv))
     return components
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """The names :func:`head_components` gives, without building any mask."""
+    arch = architecture_of(model)
+    return [f"l{layer}h{head}" for layer in range(len(_module(model, arch.blocks)))
+            for head in range(arch.num_heads(model))]
 
 
 def layer_components(model: nn.Module, part: str) -> list[Component]:

@@ -9,17 +9,25 @@ parameter names and flat indices, every problem named (:func:`resolve_components
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from susc_callback.components.architectures import PRESETS, preset_components
+from susc_callback.components.architectures import (
+    PRESETS,
+    head_components,
+    head_names,
+    preset_components,
+)
 from susc_callback.components.component import (
     Component,
     ResolvedComponent,
     canonical_parameter_names,
 )
+
+HEAD_NAME = re.compile(r"l(\d+)h\d+")  # a head_components name
 
 
 def as_components(model: nn.Module, spec: object = None) -> list[Component]:
@@ -59,34 +67,39 @@ def as_components(model: nn.Module, spec: object = None) -> list[Component]:
 def _named_components(model: nn.Module, parts: list[str]) -> list[Component]:
     """The components of each part: a preset's, or the one preset component so named."""
     found: list[Component] = []
-    catalogue: dict[str, Component] | None = None
     for part in parts:
-        if part in PRESETS:
-            found += preset_components(model, part)
-            continue
-        catalogue = _preset_catalogue(model) if catalogue is None else catalogue
-        if part not in catalogue:
-            close = difflib.get_close_matches(part, [*PRESETS, *catalogue], n=3)
-            hint = f" (did you mean {close}?)" if close else ""
-            examples = ", ".join(list(catalogue)[:4])
-            names = (f", or a name of one of their components ({examples}, ...)" if catalogue
-                     else " (none applies to this model: pass components by hand)")
-            raise ValueError(f"Unknown component {part!r}{hint}. Valid: the presets "
-                             f"{', '.join(PRESETS)}{names}")
-        found.append(catalogue[part])
+        found += preset_components(model, part) if part in PRESETS else \
+            [_preset_component(model, part)]
     return found
 
 
-def _preset_catalogue(model: nn.Module) -> dict[str, Component]:
-    """Every component of every preset that applies to ``model``, by name."""
-    catalogue: dict[str, Component] = {}
-    for preset in PRESETS:
-        try:
-            components = preset_components(model, preset)
-        except ValueError:  # a preset this architecture does not have
-            continue
-        catalogue.update((component.name, component) for component in components)
-    return catalogue
+def _preset_component(model: nn.Module, name: str) -> Component:
+    """The component of some preset called ``name``. Only the named head's layer is built:
+    a head's masks are the size of its layer's attention weights."""
+    heads = _where_supported(head_names, model)
+    if name in heads:
+        layer = int(HEAD_NAME.fullmatch(name)[1])
+        return next(c for c in head_components(model, layers={layer}) if c.name == name)
+    coarse = {component.name: component for preset in PRESETS if preset != "heads"
+              for component in _where_supported(preset_components, model, preset)}
+    if name in coarse:
+        return coarse[name]
+    known = [*heads, *coarse]
+    close = difflib.get_close_matches(name, [*PRESETS, *known], n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    names = (f", or a name of one of their components ({', '.join(known[:4])}, ...)" if known
+             else " (none applies to this model: pass components by hand)")
+    raise ValueError(f"Unknown component {name!r}{hint}. Valid: the presets "
+                     f"{', '.join(PRESETS)}{names}")
+
+
+def _where_supported(build: Callable[..., list], *args: object) -> list:
+    """``build(*args)``, or nothing where the model's architecture has no such preset (the
+    presets raise ``ValueError`` for architectures they do not know)."""
+    try:
+        return build(*args)
+    except ValueError:
+        return []
 
 
 def resolve_components(model: nn.Module, spec: object = None, *, allow_none: bool = False
