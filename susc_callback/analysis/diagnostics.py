@@ -26,7 +26,7 @@ spread, so its susceptibilities mostly reflect gamma.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,7 +46,7 @@ class TraceDiagnostics:
     rhat: float
     ess: float
     drift: float
-    rhat_limit: float = RHAT_LIMIT  # widened for short chains (module docstring)
+    rhat_limit: float = field(default=RHAT_LIMIT, kw_only=True)  # widened for short chains
 
     def problems(self) -> list[str]:
         """What the diagnostics say is wrong, in words (empty when nothing is)."""
@@ -68,7 +68,7 @@ def diagnose(traces: np.ndarray) -> TraceDiagnostics:
     if traces.size == 0 or traces.shape[1] < 4:
         return TraceDiagnostics(float("nan"), float("nan"), float("nan"))
     return TraceDiagnostics(split_rhat(traces), effective_sample_size(traces),
-                            drift(traces), rhat_limit(traces))
+                            drift(traces), rhat_limit=rhat_limit(traces))
 
 
 def rhat_limit(traces: np.ndarray) -> float:
@@ -113,7 +113,8 @@ def drift(traces: np.ndarray) -> float:
     slope = (draws * (mean - mean.mean())).sum() / (draws ** 2).sum()
     residual = traces - traces.mean(axis=1, keepdims=True) - slope * draws  # detrended
     # a least-squares slope's SE with ESS independent points spread over the draws
-    se = np.sqrt(residual.var() / (effective_sample_size(residual) * (draws ** 2).mean()))
+    ess = _effective_sample_size(residual, autocorrelation(residual))  # chain means are 0
+    se = np.sqrt(residual.var() / (ess * (draws ** 2).mean()))
     return float(slope / se) if se > 0 else float("nan")
 
 

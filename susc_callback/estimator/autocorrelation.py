@@ -23,9 +23,10 @@ def pooled_autocorrelation(traces: np.ndarray) -> np.ndarray | None:
     the rank normalisation); None for constant traces.
 
     Each short chain's own mean absorbs part of its slow wandering, so per-chain
-    autocorrelations come out too low and the effective sample size too high (twice the
-    exact value at 4 chains of 20 draws with lag-one correlation 0.5); the spread of the
-    chain means puts that part back."""
+    autocorrelations come out too low and the effective sample size too high (+39 % at 4
+    chains of 20 draws with lag-one correlation 0.5, +81 % at 10 draws); the spread of the
+    chain means puts that part back. It takes two chains or more: one chain has no such
+    spread, and gets the per-chain estimate shifted by ``1 / (draws - 1)``."""
     chains, n = traces.shape
     within = traces.var(axis=1, ddof=1).mean() if n > 1 else 0.0
     between = traces.mean(axis=1).var(ddof=1) if chains > 1 else 0.0
