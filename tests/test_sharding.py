@@ -181,17 +181,22 @@ def test_a_second_analysis_of_the_same_run_is_refused(run):  # noqa: F811
     assert not (run / "susceptibility" / "shards").exists()
 
 
-def test_a_rank_failing_alone_while_loading_stops_every_rank(run, tmp_path):  # noqa: F811
-    script = tmp_path / "fails_on_rank_1.py"  # a file that only rank 1 cannot read
+@pytest.mark.parametrize("stage, rank, told", [
+    ("_Analysis.of", "1", "rank 1: "),  # loading its inputs, e.g. a file missing on a node
+    ("_finish", "0", "main rank: "),    # the main rank merging and saving
+])
+def test_a_rank_failing_alone_stops_every_rank(run, tmp_path, stage, rank, told):  # noqa: F811
+    script = tmp_path / "fails_on_one_rank.py"
+    owner, _, name = f"analyze.{stage}".rpartition(".")
     script.write_text(
         "import os, sys\n"
         "from susc_callback.cli import analyze, main\n"
-        "of = analyze._Analysis.of\n"
+        f"real = {owner}.{name}\n"
         "def failing(*args):\n"
-        "    if os.environ['RANK'] == '1':\n"
-        "        raise analyze.CommandError('sampling data not found on this node')\n"
-        "    return of(*args)\n"
-        "analyze._Analysis.of = failing\n"
+        f"    if os.environ['RANK'] == '{rank}':\n"
+        "        raise analyze.CommandError('disk quota exceeded on this node')\n"
+        "    return real(*args)\n"
+        f"{owner}.{name} = failing\n"
         "sys.exit(main(sys.argv[1:]))\n")
     root = run.parent
     job = subprocess.run(
@@ -199,12 +204,13 @@ def test_a_rank_failing_alone_while_loading_stops_every_rank(run, tmp_path):  # 
          str(script), "analyze", str(run), "--probe", str(root / "probe.jsonl"),
          "--sampling-data", str(root / "train.jsonl"), *SGLD, *CHAINS],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=120)
+        timeout=300)
     assert job.returncode != 0
-    # Every rank reports the error and ends by itself. Before, rank 0 waited at its next
-    # collective: torchrun killed it, a launcher without an agent (srun) would not have.
-    assert job.stderr.count("sampling data not found on this node") >= 2
-    assert "estimating" not in job.stdout and not RunStore.of_run(run).saved_steps()
+    # Every rank reports the error and ends by itself. Before, the others waited at their
+    # next collective: torchrun killed them, a launcher without an agent (srun) would not.
+    assert "error: disk quota exceeded on this node" in job.stderr  # the failing rank
+    assert f"error: {told}disk quota exceeded on this node" in job.stderr  # the other
+    assert "Signal 6" not in job.stderr and "SIGABRT" not in job.stderr
 
 
 def _estimate_on_rank(rank: int, world: int, folder: str) -> None:

@@ -84,7 +84,8 @@ def _locked_by_main(store: RunStore, processes: Processes) -> Iterator[None]:
 def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, Path],
              out: Path, processes: Processes) -> int:
     """Compute this rank's share of the missing shards; on the main rank, merge and save
-    every finished checkpoint and rebuild the TensorBoard run."""
+    every finished checkpoint and rebuild the TensorBoard run, while the others wait for
+    its outcome (so that all ranks end together, with its status)."""
     if args.no_progress or not sys.stderr.isatty():
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars
     analysis = _on_every_rank(lambda: _Analysis.of(args, store, checkpoints, processes))
@@ -95,9 +96,15 @@ def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, P
     failed = _on_every_rank(lambda: analysis.compute(
         rank_share(pending, processes.rank, processes.world), args.keep_going))
     failures = [failure for part in collectives.all_gather(failed) for failure in part]
-    if not processes.main:
-        return 0
-    for step in checkpoints:
+    return _on_main(processes, lambda: _finish(analysis, args, todo, out, failures))
+
+
+def _finish(analysis: _Analysis, args: argparse.Namespace, todo: set[int], out: Path,
+            failures: list[str]) -> int:
+    """Main rank: save every checkpoint whose shards are complete, rebuild the TensorBoard
+    run and say what failed; the exit status."""
+    store = analysis.store
+    for step in analysis.checkpoints:
         if step not in todo:
             print(f"step {step}: done already ({store.step_dir(step)})")
         else:  # complete shards left by an earlier run, or by the other ranks
@@ -116,32 +123,43 @@ def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, P
 
 
 def _on_every_rank(compute: Callable[[], T]) -> T:
-    """``compute()`` on every rank; an error of any rank is raised on every rank, so that
-    no rank waits forever at the next collective for one that failed alone (a file
-    missing on one node)."""
+    """``compute()`` on every rank. A rank's error is raised there, and named on every
+    other rank (as a :class:`CommandError`), so that no rank waits forever at the next
+    collective for one that failed alone (e.g. a file missing on one node)."""
     value, error = None, None
     try:
         value = compute()
-    except Exception as caught:  # raised on every rank below
+    except Exception as caught:  # reported to every rank first
         error = caught
-    for raised in collectives.all_gather(error):
-        if raised is not None:
-            raise raised
+    reports = collectives.all_gather(_report(error))
+    if error is not None:
+        raise error
+    for rank, report in enumerate(reports):
+        if report is not None:
+            raise CommandError(f"rank {rank}: {report}")
     return value
 
 
 def _on_main(processes: Processes, compute: Callable[[], T]) -> T:
-    """``compute()`` on the main rank, its value (or its error, raised) on every rank."""
+    """``compute()`` on the main rank; its value on every rank, or its error raised on
+    the main rank and named on the others."""
     value, error = None, None
     if processes.main:
         try:
             value = compute()
-        except Exception as caught:  # raised on every rank below
+        except Exception as caught:  # reported to every rank first
             error = caught
-    value, error = collectives.broadcast_from_main((value, error))
+    value, report = collectives.broadcast_from_main((value, _report(error)))
     if error is not None:
         raise error
+    if report is not None:
+        raise CommandError(f"main rank: {report}")
     return value
+
+
+def _report(error: Exception | None) -> str | None:
+    """What other ranks are told of ``error`` (text: an exception may not survive pickling)."""
+    return None if error is None else str(error) or type(error).__name__
 
 
 @dataclass
