@@ -212,16 +212,7 @@ class SusceptibilityCallback(BoundCallback):
         self._store = RunStore(Path(self.output_dir or args.output_dir) / RESULTS_FOLDER)
         self._probe_tokens = probe_token_texts(self.probe,
                                                trainer_context.event_tokenizer(event_kwargs))
-        done, error = None, None
-        if self._main:
-            try:
-                done = self._restore_history(args, state)
-            except Exception as exc:  # raised below on every rank, not only on this one
-                error = exc
-        done, error = collectives.broadcast_from_main((done, error))
-        if error is not None:
-            raise error
-        self._done = set(done)
+        self._done = set(collectives.on_main(lambda: self._restore_history(args, state)))
         self._train_start, self._snapshot_seconds = time.perf_counter(), 0.0
 
     def _restore_history(self, args: TrainingArguments, state: TrainerState) -> list[int]:

@@ -32,6 +32,7 @@ from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.influence import InfluenceResult
 from susc_callback.logging.cluster_figures import stability_figure
 from susc_callback.logging.report import write_report
+from susc_callback.sharding.collectives import PeerError
 from susc_callback.store.files import is_result_folder
 from susc_callback.store.run import (
     INFLUENCE_FOLDER,
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status = args.handler(args)
-    except (CommandError, ValueError, OSError, RunInUseError) as error:
+    except (CommandError, PeerError, ValueError, OSError, RunInUseError) as error:
         print(f"susc {args.command}: error: {error}", file=sys.stderr)
         status = 2
     except KeyboardInterrupt:

@@ -16,12 +16,12 @@ import argparse
 import hashlib
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from transformers.utils import logging as hf_logging
 
@@ -39,6 +39,7 @@ from susc_callback.estimator.engine import ChainDivergedError
 from susc_callback.estimator.results import SusceptibilityResult
 from susc_callback.logging.snapshots import SnapshotPublisher
 from susc_callback.sharding import ShardStore, WorkUnit, collectives, estimate_chains
+from susc_callback.sharding.collectives import on_every_rank, on_main
 from susc_callback.sharding.estimate import merged_result
 from susc_callback.sharding.plan import by_step, rank_share, work_units
 from susc_callback.store.files import ResultFileError
@@ -53,7 +54,6 @@ from susc_callback.store.run import (
 
 SERIES_REMEDY = ("use the same flags, --force to recompute every checkpoint of the series, or "
                  "--out DIR to start a new series")
-T = TypeVar("T")
 
 
 def analyze(args: argparse.Namespace) -> int:
@@ -88,15 +88,15 @@ def _analyze(args: argparse.Namespace, store: RunStore, checkpoints: dict[int, P
     its outcome (so that all ranks end together, with its status)."""
     if args.no_progress or not sys.stderr.isatty():
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars
-    analysis = _on_every_rank(lambda: _Analysis.of(args, store, checkpoints, processes))
-    todo = _on_main(processes, lambda: _steps_to_compute(analysis, args))
-    analysis.fingerprints = _on_main(
-        processes, lambda: {step: analysis.fingerprint(step) for step in todo})
-    pending = _on_main(processes, analysis.pending)
-    failed = _on_every_rank(lambda: analysis.compute(
+    analysis = on_every_rank(lambda: _Analysis.of(args, store, checkpoints, processes))
+    todo = on_main(lambda: _steps_to_compute(analysis, args))
+    analysis.fingerprints = on_main(
+        lambda: {step: analysis.fingerprint(step) for step in todo})
+    pending = on_main(analysis.pending)
+    failed = on_every_rank(lambda: analysis.compute(
         rank_share(pending, processes.rank, processes.world), args.keep_going))
     failures = [failure for part in collectives.all_gather(failed) for failure in part]
-    return _on_main(processes, lambda: _finish(analysis, args, todo, out, failures))
+    return on_main(lambda: _finish(analysis, args, todo, out, failures))
 
 
 def _finish(analysis: _Analysis, args: argparse.Namespace, todo: set[int], out: Path,
@@ -120,46 +120,6 @@ def _finish(analysis: _Analysis, args: argparse.Namespace, todo: set[int], out: 
         print("failed checkpoints:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
-
-
-def _on_every_rank(compute: Callable[[], T]) -> T:
-    """``compute()`` on every rank. A rank's error is raised there, and named on every
-    other rank (as a :class:`CommandError`), so that no rank waits forever at the next
-    collective for one that failed alone (e.g. a file missing on one node)."""
-    value, error = None, None
-    try:
-        value = compute()
-    except Exception as caught:  # reported to every rank first
-        error = caught
-    reports = collectives.all_gather(_report(error))
-    if error is not None:
-        raise error
-    for rank, report in enumerate(reports):
-        if report is not None:
-            raise CommandError(f"rank {rank}: {report}")
-    return value
-
-
-def _on_main(processes: Processes, compute: Callable[[], T]) -> T:
-    """``compute()`` on the main rank; its value on every rank, or its error raised on
-    the main rank and named on the others."""
-    value, error = None, None
-    if processes.main:
-        try:
-            value = compute()
-        except Exception as caught:  # reported to every rank first
-            error = caught
-    value, report = collectives.broadcast_from_main((value, _report(error)))
-    if error is not None:
-        raise error
-    if report is not None:
-        raise CommandError(f"main rank: {report}")
-    return value
-
-
-def _report(error: Exception | None) -> str | None:
-    """What other ranks are told of ``error`` (text: an exception may not survive pickling)."""
-    return None if error is None else str(error) or type(error).__name__
 
 
 @dataclass

@@ -6,6 +6,7 @@ Every function here is a collective: all ranks must call it, in the same order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch.distributed as dist
@@ -49,3 +50,48 @@ def barrier() -> None:
     """Wait until every rank gets here."""
     if rank_and_world()[1] > 1:
         dist.barrier()
+
+
+class PeerError(RuntimeError):
+    """The error another rank raised, named on this one."""
+
+
+def on_every_rank(compute: Callable[[], T]) -> T:
+    """``compute()`` on every rank. A rank's error is raised there and named on every other
+    rank (:class:`PeerError`), so that no rank waits forever at its next collective for
+    one that failed alone (e.g. a file missing on one node)."""
+    value, error = None, None
+    try:
+        value = compute()
+    except Exception as caught:  # reported to every rank first
+        error = caught
+    reports = all_gather(_report(error))
+    if error is not None:
+        raise error
+    for rank, report in enumerate(reports):
+        if report is not None:
+            raise PeerError(f"rank {rank}: {report}")
+    return value
+
+
+def on_main(compute: Callable[[], T]) -> T:
+    """``compute()`` on rank 0; its value on every rank, or its error raised on rank 0
+    and named on the others (:class:`PeerError`)."""
+    value, error = None, None
+    if rank_and_world()[0] == 0:
+        try:
+            value = compute()
+        except Exception as caught:  # reported to every rank first
+            error = caught
+    value, report = broadcast_from_main((value, _report(error)))
+    if error is not None:
+        raise error
+    if report is not None:
+        raise PeerError(f"main rank: {report}")
+    return value
+
+
+def _report(error: Exception | None) -> str | None:
+    """What other ranks are told of ``error``: text, since an exception may not survive
+    pickling."""
+    return None if error is None else str(error) or type(error).__name__

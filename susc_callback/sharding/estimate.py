@@ -23,7 +23,7 @@ from susc_callback.estimator.engine import (
     sample_draws,
 )
 from susc_callback.estimator.results import SusceptibilityResult
-from susc_callback.sharding.collectives import all_gather, rank_and_world
+from susc_callback.sharding.collectives import all_gather, on_every_rank, rank_and_world
 from susc_callback.sharding.plan import rank_share, work_units
 from susc_callback.sharding.shard import ChainShard, merge_shards, split_draws
 
@@ -56,23 +56,17 @@ def estimate_distributed(model: nn.Module, components: Any, sampling_data: Any,
     initialised ``torch.distributed`` process group (a collective: every rank calls it with
     the same arguments, its model on its own device, and gets the same result). Each rank
     runs a contiguous share of the chains; with fewer chains than ranks some ranks idle.
-    Outside a process group it is :func:`estimate_susceptibilities`."""
+    A rank's error is raised there and named on the others
+    (:class:`~susc_callback.sharding.collectives.PeerError`). Outside a process group it is
+    :func:`estimate_susceptibilities`."""
     config = config or SGLDConfig()
     rank, world = rank_and_world()
     if world == 1:
         return estimate_susceptibilities(model, components, sampling_data, probe, config,
                                          loss_fn=loss_fn, collate_fn=collate_fn, step=step)
     mine = [unit.chain for unit in rank_share(work_units([0], config.num_chains), rank, world)]
-    outcome: tuple[list[ChainShard], BaseException | None] = ([], None)
-    try:
-        if mine:
-            outcome = (estimate_chains(model, components, sampling_data, probe, config, mine,
-                                       loss_fn=loss_fn, collate_fn=collate_fn), None)
-    except Exception as error:  # raised below on every rank, after the collective
-        outcome = ([], error)
-    gathered = all_gather(outcome)
-    for _, error in gathered:
-        if error is not None:
-            raise error
-    return merged_result([shard for shards, _ in gathered for shard in shards], probe,
+    shards = on_every_rank(lambda: estimate_chains(
+        model, components, sampling_data, probe, config, mine, loss_fn=loss_fn,
+        collate_fn=collate_fn) if mine else [])
+    return merged_result([shard for part in all_gather(shards) for shard in part], probe,
                          config, step)
