@@ -75,10 +75,11 @@ def test_a_shard_of_another_estimate_is_refused_by_name(gpt2, probe, sampling_id
                                               "probe": "abc"})  # computed again
 
 
-def _launch(run_dir: Path, processes: int, *extra: str, wait: bool = True):
+def _launch(run_dir: Path, processes: int, *extra: str, wait: bool = True,
+            program: tuple[str, ...] = ("-m", "susc_callback")):
     root = run_dir.parent
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={processes}", "-m", "susc_callback", "analyze",
+               f"--nproc_per_node={processes}", *program, "analyze",
                str(run_dir), "--probe", str(root / "probe.jsonl"), "--sampling-data",
                str(root / "train.jsonl"), *SGLD, *CHAINS, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -198,13 +199,7 @@ def test_a_rank_failing_alone_stops_every_rank(run, tmp_path, stage, rank, told)
         "    return real(*args)\n"
         f"{owner}.{name} = failing\n"
         "sys.exit(main(sys.argv[1:]))\n")
-    root = run.parent
-    job = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), "analyze", str(run), "--probe", str(root / "probe.jsonl"),
-         "--sampling-data", str(root / "train.jsonl"), *SGLD, *CHAINS],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=300)
+    job = _launch(run, 2, program=(str(script),))
     assert job.returncode != 0
     # Every rank reports the error and ends by itself. Before, the others waited at their
     # next collective: torchrun killed them, a launcher without an agent (srun) would not.
